@@ -1,0 +1,41 @@
+# Two set-up commands for a newcomer: `make run` and `make test`. Each creates .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export LLMOPS_HOME ?= $(CURDIR)/.llmops
+export DAGSTER_HOME ?= $(LLMOPS_HOME)/dagster_home
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test bench ui lint db-stop clean
+
+# One pip command resolves the whole pinned stack (torch==2.13.0 is the CPU build on disk).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip check
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/llmops run
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_validation.py
+
+ui: $(STAMP)
+	eval "$$($(BIN)/llmops env)" && $(BIN)/dagster dev -w workspace.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+db-stop: $(STAMP)
+	$(BIN)/llmops db stop
+
+clean: db-stop
+	rm -rf $(LLMOPS_HOME)

@@ -1,0 +1,165 @@
+"""Dataset stage: raw examples in, validated dataset and its drift reference embeddings out."""
+
+
+import dagster as dg
+from pydantic import Field
+
+from llmops_dagster import dataset_store, embeddings
+from llmops_dagster.eda import profile_examples
+from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.raw_data import SYNTHETIC, load_snapshot, snapshot_source
+from llmops_dagster.validation import ValidationRules, data_version, validate_examples
+from resources.artifacts import ArtifactStore
+from resources.database import PostgresResource
+from resources.embedder import EmbedderResource
+
+QUARANTINE_CHECK = "quarantine_within_threshold"
+
+
+class RawExamplesConfig(dg.Config):
+    source: str = Field(
+        default=SYNTHETIC,
+        description="A JSONL, CSV or Parquet file or a saved `datasets` folder; 'synthetic' for "
+        "the built-in customer-support set.",
+    )
+    synthetic_rows: int = Field(default=2400, description="Rows of the synthetic set.")
+    seed: int = Field(default=7, description="Seed of the synthetic set.")
+
+
+@dg.asset(group_name="dataset", kinds={"pandas"})
+def raw_examples(config: RawExamplesConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
+    """Raw instruction examples: a byte-exact snapshot of the configured source, with an EDA profile."""
+    snapshot = {}
+
+    def write(folder):
+        snapshot["path"] = snapshot_source(config.source, folder, config.synthetic_rows, config.seed)
+
+    input_hash, folder = artifacts.write_content_addressed("raw", write)
+    snapshot_path = folder / snapshot["path"].name
+    frame = load_snapshot(snapshot_path)
+    profile = profile_examples(frame)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(input_hash),
+        metadata={
+            "source": config.source,
+            "input_hash": input_hash,
+            "snapshot_path": dg.MetadataValue.path(str(snapshot_path)),
+            "dagster/row_count": len(frame),
+            "duplicate_rows": profile.duplicate_rows,
+            "intents": len(profile.intents),
+            "eda_profile": dg.MetadataValue.md(profile.markdown()),
+        },
+    )
+
+
+class ValidatedDatasetConfig(dg.Config):
+    max_quarantined_share: float = Field(
+        default=0.05, description="The blocking check fails above this share of quarantined rows."
+    )
+    max_prompt_tokens: int = Field(default=128, description="Longest accepted prompt (tokens).")
+    max_response_tokens: int = Field(default=256, description="Longest accepted response (tokens).")
+    min_tokens: int = Field(default=1, description="Shortest accepted prompt or response (tokens).")
+    eval_fraction: float = Field(default=0.1, description="Share of prompts in the eval split.")
+
+    def rules(self) -> ValidationRules:
+        return ValidationRules(
+            min_tokens=self.min_tokens,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_response_tokens=self.max_response_tokens,
+            eval_fraction=self.eval_fraction,
+        )
+
+
+@dg.asset(
+    group_name="dataset",
+    deps=[raw_examples],
+    kinds={"great_expectations", "postgres"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            QUARANTINE_CHECK,
+            asset="validated_dataset",
+            blocking=True,
+            description="Fails when a required column is missing or the quarantined share "
+            "passes the configured threshold.",
+        )
+    ],
+)
+def validated_dataset(
+    context: dg.AssetExecutionContext,
+    config: ValidatedDatasetConfig,
+    database: PostgresResource,
+    artifacts: ArtifactStore,
+) -> dg.MaterializeResult:
+    """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
+    raw = latest_metadata(context, raw_examples)
+    report = validate_examples(load_snapshot(raw["snapshot_path"]), config.rules())
+    version = data_version(report.accepted)
+    folder = artifacts.write_version(
+        "datasets", version, lambda d: dataset_store.write_accepted(d, report.accepted)
+    )
+    engine = database.engine()
+    in_quarantine = dataset_store.save_quarantine(
+        engine, report, raw["input_hash"], raw["source"], context.run_id
+    )
+    dataset_store.record_dataset_version(
+        engine, version, raw["input_hash"], raw["source"], folder, report
+    )
+    check = dataset_store.quarantine_check(report, config.max_quarantined_share)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=QUARANTINE_CHECK,
+                passed=check.passed,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=check.message,
+                metadata={"quarantined_share": report.quarantined_share,
+                          "threshold": config.max_quarantined_share},
+            )
+        ],
+        metadata={
+            "version": version,
+            "path": dg.MetadataValue.path(str(folder)),
+            "input_hash": raw["input_hash"],
+            "rows_input": report.rows_input,
+            "rows_accepted": report.rows_accepted,
+            "rows_quarantined": report.rows_quarantined,
+            "rows_in_quarantine_table": in_quarantine,
+            "reconciles": report.rows_input == report.rows_accepted + report.rows_quarantined,
+            "quarantined_share": round(report.quarantined_share, 4),
+            "dagster/row_count": report.rows_accepted,
+            "checks": dg.MetadataValue.md(dataset_store.checks_markdown(report)),
+            "quarantine": dg.MetadataValue.md(dataset_store.quarantine_summary(report)),
+        },
+    )
+
+
+@dg.asset(group_name="dataset", deps=[validated_dataset], kinds={"pgvector"})
+def dataset_embeddings(
+    context: dg.AssetExecutionContext,
+    database: PostgresResource,
+    embedder: EmbedderResource,
+) -> dg.MaterializeResult:
+    """Embeddings of the training prompts in pgvector (HNSW), the reference set for drift."""
+    dataset = latest_metadata(context, validated_dataset)
+    accepted = dataset_store.read_accepted(dataset["path"])
+    train = accepted[accepted["split"] == "train"]
+    engine = database.engine()
+    before = embeddings.stored_rows(engine, dataset["version"])
+    if before < len(train):
+        vectors = embedder.embed(train["prompt"].tolist())
+        embeddings.store_embeddings(
+            engine, dataset["version"], train["_row_number"].tolist(), train["prompt"].tolist(),
+            vectors,
+        )
+    after = embeddings.stored_rows(engine, dataset["version"])
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(dataset["version"]),
+        metadata={
+            "dataset_version": dataset["version"],
+            "rows": after,
+            "rows_added": after - before,
+            "dimensions": 384,
+            "index": "HNSW, cosine",
+        },
+    )

@@ -1,0 +1,132 @@
+"""PostgreSQL with pgvector for the platform: the embedded default, any server by URL, migrations.
+
+With no URL configured the platform starts an embedded PostgreSQL 16 + pgvector from the `pgserver`
+package in a data folder of its own. The server keeps running after the process that started it
+exits, so later runs, the Dagster webserver, daemon and training ranks all reuse it; `llmops db stop`
+stops it cleanly. The schema is created and upgraded by the Alembic migrations in `migrations/`.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlalchemy as sa
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+PLATFORM_DATABASE = "llmops"
+DAGSTER_DATABASE = "dagster"
+# Any fixed 64-bit key: serializes migrations when several processes start at once.
+MIGRATION_LOCK_KEY = 7_220_119_000_001
+
+_lock = threading.Lock()
+
+
+class DatabaseConfigError(ValueError):
+    """The database setting cannot be used; the message names the setting."""
+
+
+def sqlalchemy_url(url: str, setting: str = "LLMOPS_DATABASE_URL") -> str:
+    """Use psycopg2 for any PostgreSQL URL: SQLAlchemy 2.1 maps bare `postgresql://` to psycopg 3,
+    which Dagster's Postgres storage cannot use (its NOTIFY statement fails to parse)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql", "postgresql+psycopg2"):
+        raise DatabaseConfigError(
+            f"{setting} must be a postgresql:// URL, got scheme {parts.scheme!r}"
+        )
+    return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _embedded_server(data_dir: Path):
+    import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: the server outlives this process and is reused by the next one.
+    return pgserver.get_server(data_dir, cleanup_mode=None)
+
+
+def embedded_server_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded server in `data_dir`; return its admin URL for psycopg2.
+
+    The socket may live under the runtime folder when `data_dir` is a long path, so the URL
+    always comes from the server, never from the folder name.
+    """
+    with _lock:
+        server = _embedded_server(Path(data_dir).resolve())
+        return sqlalchemy_url(server.get_uri(), setting="embedded server")
+
+
+def stop_embedded_server(data_dir: Path) -> bool:
+    """Stop the embedded server cleanly (pg_ctl stop, fast mode); False when none was running."""
+    from pgserver._commands import pg_ctl
+    from pgserver.utils import PostmasterInfo
+
+    data_dir = Path(data_dir).resolve()
+    info = PostmasterInfo.read_from_pgdata(data_dir)
+    if info is None or not info.is_running():
+        return False
+    user = "pgserver" if _running_as_root() else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=data_dir, user=user)
+    return True
+
+
+def _running_as_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def ensure_database(admin_url: str, name: str) -> str:
+    """Create database `name` on the server when it is missing; return its URL."""
+    engine = sa.create_engine(with_database(admin_url, "postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            exists = connection.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
+            ).scalar()
+            if not exists:
+                try:
+                    connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+                except sa.exc.ProgrammingError as error:  # created by a concurrent process
+                    if "already exists" not in str(error):
+                        raise
+    finally:
+        engine.dispose()
+    return with_database(admin_url, name)
+
+
+def migrate(url: str) -> None:
+    """Apply every Alembic migration up to head, one process at a time (advisory lock)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            try:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+            finally:
+                connection.execute(
+                    sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+    finally:
+        engine.dispose()
+
+
+@cache
+def platform_engine(url: str) -> sa.Engine:
+    """One migrated engine per URL and process."""
+    migrate(url)
+    return sa.create_engine(url, pool_pre_ping=True)

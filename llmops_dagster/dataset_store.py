@@ -1,0 +1,126 @@
+"""Persisting a validation outcome: quarantined rows and the dataset version in PostgreSQL,
+accepted rows as Parquet in the version's folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import sqlalchemy as sa
+
+from llmops_dagster.validation import ValidationReport
+
+ACCEPTED_FILE = "accepted.parquet"
+
+
+def save_quarantine(engine: sa.Engine, report: ValidationReport, input_hash: str, source: str,
+                    run_id: str | None) -> int:
+    """Insert every quarantined row with all its reasons; the same input twice adds nothing.
+
+    Returns the number of rows this input has in quarantine afterwards.
+    """
+    rows = [
+        {
+            "input_hash": input_hash,
+            "source": source,
+            "row_number": int(r.row_number),
+            "reasons": json.dumps(list(r.reasons)),
+            "original_row": r.original_row,
+            "run_id": run_id,
+        }
+        for r in report.quarantined.itertuples(index=False)
+    ]
+    with engine.begin() as connection:
+        if rows:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO quarantine_rows "
+                    "(input_hash, source, row_number, reasons, original_row, run_id) "
+                    "VALUES (:input_hash, :source, :row_number, CAST(:reasons AS jsonb), "
+                    ":original_row, :run_id) ON CONFLICT (input_hash, row_number) DO NOTHING"
+                ),
+                rows,
+            )
+        return connection.execute(
+            sa.text("SELECT count(*) FROM quarantine_rows WHERE input_hash = :h"),
+            {"h": input_hash},
+        ).scalar_one()
+
+
+def write_accepted(folder: Path, accepted: pd.DataFrame) -> None:
+    accepted.to_parquet(folder / ACCEPTED_FILE, index=False)
+
+
+def read_accepted(folder: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(folder) / ACCEPTED_FILE)
+
+
+def record_dataset_version(engine: sa.Engine, version: str, input_hash: str, source: str,
+                           path: Path, report: ValidationReport) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO dataset_versions (version, input_hash, source, path, rows_input, "
+                "rows_accepted, rows_quarantined) VALUES (:version, :input_hash, :source, :path, "
+                ":rows_input, :rows_accepted, :rows_quarantined) ON CONFLICT (version) DO NOTHING"
+            ),
+            {
+                "version": version,
+                "input_hash": input_hash,
+                "source": source,
+                "path": str(path),
+                "rows_input": report.rows_input,
+                "rows_accepted": report.rows_accepted,
+                "rows_quarantined": report.rows_quarantined,
+            },
+        )
+
+
+def quarantine_summary(report: ValidationReport, limit: int = 10) -> str:
+    """A Markdown table of the first quarantined rows and their reasons."""
+    if report.quarantined.empty:
+        return "No row was quarantined."
+    lines = ["| row | reasons |", "|---|---|"]
+    for r in report.quarantined.head(limit).itertuples(index=False):
+        reasons = "; ".join(r.reasons).replace("|", "\\|")
+        lines.append(f"| {r.row_number} | {reasons} |")
+    if report.rows_quarantined > limit:
+        lines.append(f"| ... | {report.rows_quarantined - limit} more in quarantine_rows |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class QuarantineCheck:
+    """The blocking gate on a validation outcome: a verdict and a message naming what failed."""
+
+    passed: bool
+    message: str
+
+
+def quarantine_check(report: ValidationReport, max_share: float) -> QuarantineCheck:
+    if report.missing_columns:
+        names = ", ".join(repr(c) for c in report.missing_columns)
+        return QuarantineCheck(False, f"required column(s) {names} missing from the source; "
+                                      f"all {report.rows_input} rows quarantined")
+    share = report.quarantined_share
+    if share > max_share:
+        first = "; ".join(
+            f"row {r.row_number}: {r.reasons[0]}" for r in report.quarantined.head(5).itertuples()
+        )
+        return QuarantineCheck(
+            False,
+            f"{report.rows_quarantined} of {report.rows_input} rows quarantined ({share:.1%}), "
+            f"above the {max_share:.1%} threshold (max_quarantined_share). First: {first}",
+        )
+    return QuarantineCheck(
+        True, f"{report.rows_quarantined} of {report.rows_input} rows quarantined ({share:.1%}), "
+              f"within the {max_share:.1%} threshold",
+    )
+
+
+def checks_markdown(report: ValidationReport) -> str:
+    lines = ["| check | column | failed rows |", "|---|---|---|"]
+    lines += [f"| {c['check']} | {c['column']} | {c['failed_rows']} |" for c in report.checks]
+    return "\n".join(lines)

@@ -1,0 +1,19 @@
+"""The Dagster code location: every asset, check, job and resource of the platform."""
+
+import dagster as dg
+
+from assets import dataset, prompts
+from resources.artifacts import ArtifactStore
+from resources.database import PostgresResource
+from resources.embedder import EmbedderResource
+from schedules.jobs import main_job
+
+defs = dg.Definitions(
+    assets=dg.load_assets_from_modules([dataset, prompts]),
+    jobs=[main_job],
+    resources={
+        "database": PostgresResource(),
+        "artifacts": ArtifactStore(),
+        "embedder": EmbedderResource(),
+    },
+)

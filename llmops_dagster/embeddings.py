@@ -1,0 +1,38 @@
+"""The drift reference set: embeddings of a dataset version's training prompts in pgvector."""
+
+from __future__ import annotations
+
+import numpy as np
+import sqlalchemy as sa
+from pgvector.sqlalchemy import Vector  # noqa: F401  (registers the vector type with SQLAlchemy)
+
+
+def stored_rows(engine: sa.Engine, dataset_version: str) -> int:
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT count(*) FROM dataset_embeddings WHERE dataset_version = :v"),
+            {"v": dataset_version},
+        ).scalar_one()
+
+
+def store_embeddings(engine: sa.Engine, dataset_version: str, row_numbers: list[int],
+                     prompts: list[str], vectors: np.ndarray) -> int:
+    """Insert the vectors keyed by (dataset version, source row); existing keys are left alone.
+
+    Returns the number of rows inserted.
+    """
+    if len(row_numbers) != len(prompts) or len(prompts) != len(vectors):
+        raise ValueError("row_numbers, prompts and vectors must have the same length")
+    statement = sa.text(
+        "INSERT INTO dataset_embeddings (dataset_version, row_number, prompt, embedding) "
+        "VALUES (:v, :row, :prompt, CAST(:embedding AS vector)) "
+        "ON CONFLICT (dataset_version, row_number) DO NOTHING"
+    )
+    rows = [
+        {"v": dataset_version, "row": int(r), "prompt": p,
+         "embedding": "[" + ",".join(f"{x:.7g}" for x in vector) + "]"}
+        for r, p, vector in zip(row_numbers, prompts, vectors, strict=True)
+    ]
+    with engine.begin() as connection:
+        result = connection.execute(statement, rows)
+    return result.rowcount if result.rowcount >= 0 else len(rows)

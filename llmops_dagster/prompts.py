@@ -1,0 +1,97 @@
+"""Versioned prompt templates (Jinja files in `prompts/`) rendered over a validated dataset.
+
+A prompt set's version is the hash of the template text and the dataset version, so changing
+either gives a new version and rendering the same pair again gives the same one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import pandas as pd
+
+TEMPLATE_SUFFIX = ".jinja"
+SPLIT_FILES = {"train": "train.jsonl", "eval": "eval.jsonl"}
+
+
+class PromptTemplateError(ValueError):
+    """The configured template is missing or does not render; the message names it."""
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    name: str  # file name without suffix, e.g. customer_support.v1
+    text: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    def render(self, prompt: str) -> str:
+        environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        return environment.from_string(self.text).render(prompt=prompt)
+
+
+def load_template(prompts_dir: Path, name: str) -> PromptTemplate:
+    path = prompts_dir / f"{name}{TEMPLATE_SUFFIX}"
+    if not path.is_file():
+        available = sorted(p.stem for p in prompts_dir.glob(f"*{TEMPLATE_SUFFIX}"))
+        raise PromptTemplateError(
+            f"prompt template {name!r} not found in {prompts_dir}; available: {available}"
+        )
+    return PromptTemplate(name=name, text=path.read_text(encoding="utf-8"))
+
+
+def prompt_set_version(template: PromptTemplate, dataset_version: str) -> str:
+    return hashlib.sha256(f"{template.sha}:{dataset_version}".encode()).hexdigest()[:16]
+
+
+def render_records(template: PromptTemplate, accepted: pd.DataFrame) -> pd.DataFrame:
+    """One record a row: the rendered prompt, the completion, the split and the source row."""
+    try:
+        rendered = [template.render(p) for p in accepted["prompt"]]
+    except jinja2.TemplateError as error:
+        raise PromptTemplateError(f"prompt template {template.name!r} fails: {error}") from error
+    return pd.DataFrame(
+        {
+            "prompt": rendered,
+            "completion": accepted["response"].map(lambda r: " " + r),
+            "intent": accepted["intent"],
+            "split": accepted["split"],
+            "source_row": accepted["_row_number"].astype(int),
+        }
+    )
+
+
+def write_prompt_set(folder: Path, records: pd.DataFrame, template: PromptTemplate) -> None:
+    """train.jsonl and eval.jsonl (readable by `datasets.load_dataset("json")`) and the template."""
+    for split, file_name in SPLIT_FILES.items():
+        part = records[records["split"] == split].drop(columns=["split"])
+        with (folder / file_name).open("w", encoding="utf-8") as handle:
+            for record in part.to_dict(orient="records"):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    (folder / f"{template.name}{TEMPLATE_SUFFIX}").write_text(template.text, encoding="utf-8")
+
+
+def record_prompt_set_version(engine, version: str, dataset_version: str,
+                              template: PromptTemplate, path: Path, train_rows: int,
+                              eval_rows: int) -> None:
+    """Register the prompt set in PostgreSQL (lineage: prompt set -> dataset version)."""
+    import sqlalchemy as sa
+
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO prompt_set_versions (version, dataset_version, template_name, "
+                "template_sha, path, train_rows, eval_rows) VALUES (:version, :dataset_version, "
+                ":template_name, :template_sha, :path, :train_rows, :eval_rows) "
+                "ON CONFLICT (version) DO NOTHING"
+            ),
+            {"version": version, "dataset_version": dataset_version,
+             "template_name": template.name, "template_sha": template.sha, "path": str(path),
+             "train_rows": train_rows, "eval_rows": eval_rows},
+        )

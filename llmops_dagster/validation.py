@@ -1,0 +1,292 @@
+"""Row-level validation of instruction examples with a Great Expectations 1.x suite.
+
+`dagster-ge` needs great-expectations < 1.0, so this module wraps GX 1.x itself: it derives the
+columns the rules need (token counts, split, duplicate and leakage pointers) with vectorized pandas,
+runs one GX suite over the frame with the COMPLETE result format, and turns every unexpected row
+index into a reason. Every row ends up either accepted or quarantined with all of its reasons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from functools import cache
+
+import numpy as np
+import pandas as pd
+
+# A token, for length bounds before any model tokenizer exists: a run of word characters or one
+# punctuation mark. It counts about 1.3 tokens per English word, close to a BPE tokenizer.
+TOKEN_PATTERN = r"\w+|[^\w\s]"
+
+# Label -> pattern; the label completes "contains ..." in the reason a row gets.
+PII_PATTERNS: dict[str, str] = {
+    "an e-mail address": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "a phone number": r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w)",
+    "a payment card number": r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])",
+}
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    """What a valid example is. Token counts use TOKEN_PATTERN."""
+
+    required_columns: tuple[str, ...] = ("prompt", "response", "intent")
+    text_columns: tuple[str, ...] = ("prompt", "response")
+    min_tokens: int = 1
+    max_prompt_tokens: int = 128
+    max_response_tokens: int = 256
+    eval_fraction: float = 0.1  # share of distinct prompts sent to the eval split
+
+    def max_tokens(self, column: str) -> int:
+        return self.max_prompt_tokens if column == "prompt" else self.max_response_tokens
+
+
+@dataclass
+class ValidationReport:
+    """The outcome: accepted rows, quarantined rows with every reason, and per-check counts."""
+
+    rows_input: int
+    accepted: pd.DataFrame
+    quarantined: pd.DataFrame  # columns: row_number, reasons (list[str]), original_row (JSON text)
+    checks: list[dict] = field(default_factory=list)  # check, column, failed_rows
+    missing_columns: list[str] = field(default_factory=list)
+
+    @property
+    def rows_accepted(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def rows_quarantined(self) -> int:
+        return len(self.quarantined)
+
+    @property
+    def quarantined_share(self) -> float:
+        return self.rows_quarantined / self.rows_input if self.rows_input else 0.0
+
+
+def count_tokens(values: pd.Series) -> pd.Series:
+    """Tokens per value (float); NaN where the value is not text."""
+    is_text = values.map(type).eq(str)
+    counts = pd.Series(np.nan, index=values.index, dtype="float64")
+    if is_text.any():
+        counts[is_text] = values[is_text].astype(str).str.count(TOKEN_PATTERN)
+    return counts
+
+
+def normalize_text(values: pd.Series) -> pd.Series:
+    """Lower case with runs of whitespace collapsed: the key for leakage between splits."""
+    return values.fillna("").astype(str).str.lower().str.split().str.join(" ")
+
+
+def assign_split(normalized_prompts: pd.Series, eval_fraction: float) -> pd.Series:
+    """Deterministic split by content hash: the same prompt always lands in the same split."""
+    buckets = normalized_prompts.map(
+        lambda text: int.from_bytes(hashlib.md5(text.encode()).digest()[:4], "big") % 10_000
+    )
+    return pd.Series(np.where(buckets < eval_fraction * 10_000, "eval", "train"), index=buckets.index)
+
+
+def _first_row_of_group(keys: pd.Series, row_numbers: pd.Series) -> pd.Series:
+    return row_numbers.groupby(keys, sort=False).transform("first")
+
+
+def add_derived_columns(frame: pd.DataFrame, rules: ValidationRules) -> pd.DataFrame:
+    """Columns the suite checks: _<col>_tokens, split, _duplicate_of, _leaks_from."""
+    frame = frame.reset_index(drop=True)
+    for column in rules.text_columns:
+        if column in frame.columns:
+            frame[f"_{column}_tokens"] = count_tokens(frame[column])
+
+    if "prompt" in frame.columns:
+        normalized = normalize_text(frame["prompt"])
+        hashed_split = assign_split(normalized, rules.eval_fraction)
+        if "split" in frame.columns:
+            given = frame["split"].where(frame["split"].isna(), frame["split"].astype(str).str.lower())
+            frame["split"] = given.fillna(hashed_split)
+        else:
+            frame["split"] = hashed_split
+        # Train/eval leakage: an eval row whose prompt also appears in the train split.
+        in_train = frame["split"].eq("train")
+        first_train_row = (
+            frame.loc[in_train, "_row_number"].groupby(normalized[in_train], sort=False).first()
+        )
+        leaks_from = normalized.map(first_train_row)
+        frame["_leaks_from"] = leaks_from.where(frame["split"].eq("eval"))
+
+    key_columns = [c for c in ("prompt", "response") if c in frame.columns]
+    if key_columns:
+        # Exact duplicates: the same prompt and response as an earlier row; the first one is kept.
+        key = pd.util.hash_pandas_object(frame[key_columns].fillna("").astype(str), index=False)
+        first_row = _first_row_of_group(key, frame["_row_number"])
+        frame["_duplicate_of"] = first_row.where(first_row.ne(frame["_row_number"]))
+    return frame
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One expectation and the reason a failing row gets; `{value}` takes the row's value."""
+
+    expectation: object
+    column: str
+    check: str
+    reason: str
+
+
+def build_rules(columns: list[str], rules: ValidationRules) -> list[_Rule]:
+    """The suite for the columns present; missing required columns are reported separately."""
+    import great_expectations.expectations as gxe
+
+    suite: list[_Rule] = [
+        _Rule(gxe.ExpectColumnValuesToBeNull(column="_parse_error"), "_parse_error", "parse",
+              "row could not be read: {value}"),
+        _Rule(gxe.ExpectColumnValuesToBeNull(column="_utf8_error"), "_utf8_error", "utf8",
+              "not valid UTF-8: {value}"),
+    ]
+    for column in rules.required_columns:
+        if column not in columns:
+            continue
+        suite.append(_Rule(gxe.ExpectColumnValuesToNotBeNull(column=column), column, "not_null",
+                           f"{column}: value is missing"))
+        suite.append(_Rule(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"), column,
+                           "type", f"{column}: expected text, got {{value!r}}"))
+    for column in rules.text_columns:
+        if column not in columns:
+            continue
+        low, high = rules.min_tokens, rules.max_tokens(column)
+        suite.append(_Rule(
+            gxe.ExpectColumnValuesToBeBetween(column=f"_{column}_tokens", min_value=low,
+                                              max_value=high),
+            f"_{column}_tokens", "length",
+            f"{column}: {{value:.0f}} tokens, outside the bounds {low}..{high}"))
+        for label, pattern in PII_PATTERNS.items():
+            suite.append(_Rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=pattern),
+                               column, f"pii: {label.split(' ', 1)[1]}",
+                               f"{column}: contains {label} (PII)"))
+    if "split" in columns:
+        suite.append(_Rule(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+                           "split", "split", "split: {value!r} is not one of 'train', 'eval'"))
+    if "_leaks_from" in columns:
+        suite.append(_Rule(gxe.ExpectColumnValuesToBeNull(column="_leaks_from"), "_leaks_from",
+                           "leakage", "train/eval leakage: the prompt is also in the train split "
+                           "at row {value:.0f}"))
+    if "_duplicate_of" in columns:
+        suite.append(_Rule(gxe.ExpectColumnValuesToBeNull(column="_duplicate_of"), "_duplicate_of",
+                           "duplicate", "exact duplicate of row {value:.0f}"))
+    return suite
+
+
+@cache
+def _gx_context():
+    """One ephemeral GX context a process, with its progress bars off."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
+
+
+def _run_suite(frame: pd.DataFrame, suite: list[_Rule]) -> list[list[int]]:
+    """Run the suite on the frame; return the failing row indices for each rule, in order."""
+    import great_expectations as gx
+
+    context = _gx_context()
+    name = f"examples_{len(context.suites.all())}"
+    batch = (
+        context.data_sources.add_pandas(name)
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe(name)
+    )
+    expectation_suite = context.suites.add(gx.ExpectationSuite(name=name))
+    for index, rule in enumerate(suite):
+        rule.expectation.meta = {"rule": index}
+        expectation_suite.add_expectation(rule.expectation)
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name=name, data=batch, suite=expectation_suite)
+    )
+    result = definition.run(
+        batch_parameters={"dataframe": frame},
+        result_format={"result_format": "COMPLETE", "return_unexpected_index_query": False},
+    )
+    failing: list[list[int]] = [[] for _ in suite]
+    for outcome in result.results:
+        rule_index = outcome.expectation_config.meta["rule"]
+        if outcome.exception_info and outcome.exception_info.get("raised_exception"):
+            message = outcome.exception_info.get("exception_message")
+            raise RuntimeError(f"validation rule {suite[rule_index].check!r} on column "
+                               f"{suite[rule_index].column!r} could not run: {message}")
+        failing[rule_index] = list(outcome.result.get("unexpected_index_list") or [])
+    return failing
+
+
+def _original_row(row: pd.Series, source_columns: list[str]) -> str:
+    """The whole row as the source held it, as JSON text (ASCII-escaped, so any byte survives)."""
+    if isinstance(row.get("_raw"), str):
+        return json.dumps({"_raw": row["_raw"]})
+    values = {c: row[c] for c in source_columns if not _is_missing(row[c])}
+    return json.dumps(values, default=str, sort_keys=True)
+
+
+def _is_missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None) -> ValidationReport:
+    """Validate every row; return accepted rows and quarantined rows with all their reasons."""
+    rules = rules or ValidationRules()
+    frame = frame.reset_index(drop=True)
+    source_columns = [c for c in frame.columns if not c.startswith("_")]
+    derived = add_derived_columns(frame, rules)
+    missing = [c for c in rules.required_columns if c not in derived.columns]
+    suite = build_rules(list(derived.columns), rules)
+    checked = derived.drop(columns=["_raw"], errors="ignore")
+    failing = _run_suite(checked, suite)
+
+    reasons: dict[int, list[str]] = {}
+    if missing:
+        every_row = f"missing required column(s): {', '.join(repr(c) for c in missing)}"
+        for index in range(len(derived)):
+            reasons[index] = [every_row]
+    checks = [{"check": "required_columns", "column": ", ".join(missing) or "-",
+               "failed_rows": len(derived) if missing else 0}]
+    for rule, indices in zip(suite, failing, strict=True):
+        checks.append({"check": rule.check, "column": rule.column, "failed_rows": len(indices)})
+        values = derived[rule.column].to_numpy(dtype=object)
+        for index in indices:
+            reasons.setdefault(index, []).append(rule.reason.format(value=values[index]))
+
+    bad = np.zeros(len(derived), dtype=bool)
+    bad[list(reasons)] = True
+    quarantined = pd.DataFrame(
+        {
+            "row_number": derived.loc[bad, "_row_number"].astype(int).to_numpy(),
+            "reasons": [reasons[i] for i in np.flatnonzero(bad)],
+            "original_row": [_original_row(frame.iloc[i], source_columns)
+                             for i in np.flatnonzero(bad)],
+        }
+    )
+    keep = [c for c in source_columns if c != "split"] + ["split", "_row_number"]
+    accepted = derived.loc[~bad, [c for c in keep if c in derived.columns]].reset_index(drop=True)
+    return ValidationReport(
+        rows_input=len(derived),
+        accepted=accepted,
+        quarantined=quarantined,
+        checks=checks,
+        missing_columns=missing,
+    )
+
+
+def data_version(accepted: pd.DataFrame) -> str:
+    """Content hash of the accepted rows (order, columns and values): the dataset's version."""
+    digest = hashlib.sha256()
+    columns = sorted(c for c in accepted.columns if c != "_row_number")
+    digest.update(json.dumps(columns).encode())
+    for record in accepted[columns].itertuples(index=False, name=None):
+        digest.update(json.dumps(record, default=str).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]

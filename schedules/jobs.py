@@ -1,0 +1,10 @@
+"""Jobs: the lifecycle paths a person, the schedule or a sensor asks to run."""
+
+import dagster as dg
+
+# The main job: every lifecycle product built so far, from raw examples on.
+main_job = dg.define_asset_job(
+    "main",
+    selection=dg.AssetSelection.groups("dataset", "prompts"),
+    description="The whole lifecycle on the configured data: dataset, prompt set, embeddings.",
+)
