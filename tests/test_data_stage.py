@@ -1,0 +1,140 @@
+"""dg.materialize of the data stage on the real embedded PostgreSQL + pgvector and the real
+MiniLM embedder: the happy path, a messy file, and a file without a required column."""
+
+import json
+
+import dagster as dg
+import sqlalchemy as sa
+
+from assets.dataset import dataset_embeddings, raw_examples, validated_dataset
+from assets.prompts import prompt_set
+from llmops_dagster.synthetic_data import generate_examples
+
+DATA_STAGE = [raw_examples, validated_dataset, prompt_set, dataset_embeddings]
+
+
+def materialize(resources, instance, source="synthetic", rows=300, selection=None):
+    return dg.materialize(
+        DATA_STAGE,
+        selection=selection,
+        resources=resources,
+        instance=instance,
+        raise_on_error=False,
+        run_config=(
+            {} if selection else
+            {"ops": {"raw_examples": {"config": {"source": source, "synthetic_rows": rows}}}}
+        ),
+    )
+
+
+def metadata(result, asset) -> dict:
+    [event] = result.asset_materializations_for_node(asset.key.path[-1])
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+def check_evaluation(result):
+    [evaluation] = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_data_stage_materializes_on_the_embedded_default(resources, instance):
+    result = materialize(resources, instance)
+    assert result.success
+    dataset = metadata(result, validated_dataset)
+    assert dataset["rows_input"] == 300 == dataset["rows_accepted"] + dataset["rows_quarantined"]
+    assert check_evaluation(result).passed
+
+    prompts = metadata(result, prompt_set)
+    assert prompts["dataset_version"] == dataset["version"]
+    assert prompts["train_rows"] + prompts["eval_rows"] == dataset["rows_accepted"]
+    train_file = resources["artifacts"].version_dir("prompt_sets", prompts["version"]) / "train.jsonl"
+    first = json.loads(train_file.read_text().splitlines()[0])
+    assert first["prompt"].startswith("You are the Aurora") and first["completion"].strip()
+
+    embedded = metadata(result, dataset_embeddings)
+    assert embedded["rows"] == embedded["rows_added"] == prompts["train_rows"]
+    with resources["database"].engine().connect() as connection:
+        nearest = connection.execute(
+            sa.text(
+                "SELECT b.prompt FROM dataset_embeddings a, dataset_embeddings b "
+                "WHERE a.dataset_version = :v AND b.dataset_version = :v AND a.id <> b.id "
+                "ORDER BY a.id, a.embedding <=> b.embedding LIMIT 1"
+            ),
+            {"v": dataset["version"]},
+        ).scalar_one()
+        versions = connection.execute(
+            sa.text("SELECT rows_accepted FROM dataset_versions WHERE version = :v"),
+            {"v": dataset["version"]},
+        ).scalar_one()
+    assert nearest and versions == dataset["rows_accepted"]
+
+    again = materialize(resources, instance, selection=[dataset_embeddings])
+    assert again.success
+    repeat = metadata(again, dataset_embeddings)
+    assert repeat["rows_added"] == 0 and repeat["rows"] == embedded["rows"]
+
+
+def write_messy_file(path):
+    """60 good rows, then one row of each kind of bad input; returns {line: expected reason}."""
+    good = [json.dumps(r) for r in generate_examples(n_rows=60, seed=3)]
+    base = {"response": "We will look into it.", "intent": "billing_question"}
+    bad = {
+        61: (json.dumps({**base, "prompt": None}), "prompt: value is missing"),
+        62: (json.dumps({**base, "prompt": "x " * 200}), "prompt: 200 tokens, outside the bounds"),
+        63: (json.dumps({**base, "prompt": "Mail me: ann@mail.example.com"}), "prompt: contains an e-mail"),
+        64: (json.dumps({**base, "prompt": "Call me at (212) 555-0100"}), "prompt: contains a phone"),
+        65: (json.dumps({**base, "prompt": "Refund card 5500 0000 0000 0004"}),
+             "prompt: contains a payment card"),
+        66: (good[0], "exact duplicate of row 1"),
+        67: ('{"prompt": "Caf\xe9 order", "response": "ok", "intent": "x"}', "not valid UTF-8"),
+        68: (json.dumps({**base, "prompt": ["a", "list"]}), "prompt: expected text, got ['a', 'list']"),
+        69: (json.dumps({**base, "prompt": "Is my doorbell covered?", "split": "train"}), None),
+        70: (json.dumps({**base, "prompt": "is my doorbell  COVERED?", "split": "eval"}),
+             "train/eval leakage: the prompt is also in the train split at row 69"),
+    }
+    lines = [line.encode() for line in good]
+    for _, (line, _) in sorted(bad.items()):
+        lines.append(line.encode("latin-1") if "\xe9" in line else line.encode())
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return {row: reason for row, (_, reason) in bad.items() if reason}
+
+
+def test_messy_file_is_quarantined_row_by_row_and_blocks_downstream(resources, instance, tmp_path):
+    source = tmp_path / "messy.jsonl"
+    expected = write_messy_file(source)
+    result = materialize(resources, instance, source=str(source))
+
+    dataset = metadata(result, validated_dataset)
+    assert dataset["rows_input"] == 70
+    assert dataset["rows_quarantined"] == len(expected) == 9
+    assert dataset["rows_accepted"] + dataset["rows_quarantined"] == dataset["rows_input"]
+    check = check_evaluation(result)
+    assert not check.passed
+    assert "9 of 70 rows quarantined (12.9%), above the 5.0% threshold" in check.description
+    assert "row 61: prompt: value is missing" in check.description
+    assert not result.asset_materializations_for_node("prompt_set")  # blocked by the check
+
+    with resources["database"].engine().connect() as connection:
+        stored = connection.execute(
+            sa.text("SELECT row_number, reasons, original_row, source FROM quarantine_rows "
+                    "WHERE input_hash = :h ORDER BY row_number"),
+            {"h": dataset["input_hash"]},
+        ).all()
+    assert [row.row_number for row in stored] == sorted(expected)
+    for row in stored:
+        assert any(reason.startswith(expected[row.row_number]) for reason in row.reasons), row
+        assert row.source == str(source)
+        assert json.loads(row.original_row)  # the whole original row is kept
+    assert "Caf\\xe9 order" in json.loads(stored[6].original_row)["_raw"]
+
+
+def test_missing_required_column_fails_the_check_naming_it(resources, instance, tmp_path):
+    source = tmp_path / "no_response.csv"
+    source.write_text("prompt,intent\nWhere is order A10001?,order_status\nReset my hub,reset\n")
+    result = materialize(resources, instance, source=str(source))
+    check = check_evaluation(result)
+    assert not check.passed
+    assert check.description.startswith("required column(s) 'response' missing from the source")
+    dataset = metadata(result, validated_dataset)
+    assert dataset["rows_quarantined"] == 2 and dataset["rows_accepted"] == 0
+    assert not result.asset_materializations_for_node("prompt_set")

@@ -1,0 +1,74 @@
+"""The code location: Definitions load, and the workspace loads in a real dagster-webserver whose
+instance stores runs and events in the embedded PostgreSQL."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+
+from llmops_dagster.definitions import defs
+from llmops_dagster.instance import prepare_dagster_home
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXPECTED_ASSETS = {"raw_examples", "validated_dataset", "prompt_set", "dataset_embeddings"}
+
+
+def test_definitions_load():
+    dg.Definitions.validate_loadable(defs)
+    keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert EXPECTED_ASSETS <= keys
+    assert defs.resolve_job_def("main")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def graphql(port: int, query: str) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_workspace_loads_in_the_webserver(platform_db):
+    env = {**os.environ, **prepare_dagster_home(platform_db.admin_url())}
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml",
+         "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        nodes = None
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                answer = graphql(port, "{ assetNodes { assetKey { path } groupName } }")
+                nodes = answer.get("data", {}).get("assetNodes")
+                if nodes:
+                    break
+            except OSError:
+                pass
+            time.sleep(1)
+        assert nodes, "the webserver did not serve the asset graph within 120 s"
+        groups = {node["assetKey"]["path"][-1]: node["groupName"] for node in nodes}
+        assert EXPECTED_ASSETS <= set(groups)
+        assert groups["validated_dataset"] == "dataset" and groups["prompt_set"] == "prompts"
+        storage = graphql(port, "{ instance { info } }")["data"]["instance"]["info"]
+        assert "PostgresRunStorage" in storage
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
