@@ -16,16 +16,20 @@ from functools import cache
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # A token, for length bounds before any model tokenizer exists: a run of word characters or one
 # punctuation mark. It counts about 1.3 tokens per English word, close to a BPE tokenizer.
 TOKEN_PATTERN = r"\w+|[^\w\s]"
 
-# Label -> pattern; the label completes "contains ..." in the reason a row gets.
+# Label -> pattern; the label completes "contains ..." in the reason a row gets. Boundaries are
+# consumed ((?:^|[^\w-]) ...) instead of looked around, so pandas runs them in Arrow's RE2 engine
+# (about 10x faster than Python's re on a million rows).
 PII_PATTERNS: dict[str, str] = {
     "an e-mail address": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
-    "a phone number": r"(?<![\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w)",
-    "a payment card number": r"(?<![\w-])(?:\d[ -]?){12,18}\d(?![\w-])",
+    "a phone number": r"(?:^|[^\w-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?:$|\W)",
+    "a payment card number": r"(?:^|[^\w-])(?:\d[ -]?){12,18}\d(?:$|[^\w-])",
 }
 SPLITS = ("train", "eval")
 
@@ -68,41 +72,53 @@ class ValidationReport:
         return self.rows_quarantined / self.rows_input if self.rows_input else 0.0
 
 
-def count_tokens(values: pd.Series) -> pd.Series:
-    """Tokens per value (float); NaN where the value is not text."""
-    is_text = values.map(type).eq(str)
-    counts = pd.Series(np.nan, index=values.index, dtype="float64")
-    if is_text.any():
-        counts[is_text] = values[is_text].astype(str).str.count(TOKEN_PATTERN)
-    return counts
+def as_text(values: pd.Series) -> pd.Series:
+    """Values as pandas' Arrow-backed `str` column ("" for missing, str() of other types): regex
+    checks on it run in Arrow's RE2 engine, and GX's own `astype(str)` on it is free."""
+    return values.fillna("").astype(str)
 
 
-def normalize_text(values: pd.Series) -> pd.Series:
+def _count_regex(text: pd.Series, pattern: str) -> np.ndarray:
+    return pc.count_substring_regex(pa.array(text.array), pattern).to_numpy(zero_copy_only=False)
+
+
+def count_tokens(values: pd.Series, text: pd.Series | None = None) -> pd.Series:
+    """Tokens per value (float); NaN where the value is not text. `text` is `as_text(values)`."""
+    text = as_text(values) if text is None else text
+    counts = _count_regex(text, TOKEN_PATTERN).astype("float64")
+    return pd.Series(counts, index=values.index).where(values.map(type).eq(str))
+
+
+def normalize_text(text: pd.Series) -> pd.Series:
     """Lower case with runs of whitespace collapsed: the key for leakage between splits."""
-    return values.fillna("").astype(str).str.lower().str.split().str.join(" ")
+    normalized = pc.utf8_trim_whitespace(
+        pc.replace_substring_regex(pc.utf8_lower(pa.array(text.array)), r"\s+", " ")
+    )
+    return pd.Series(normalized.to_numpy(zero_copy_only=False), index=text.index, dtype=object)
+
+
+# SipHash-2-4 under a fixed key: pandas' vectorized content hash, stable across runs and machines.
+SPLIT_HASH_KEY = "llmops-split-v1!"  # exactly 16 bytes
 
 
 def assign_split(normalized_prompts: pd.Series, eval_fraction: float) -> pd.Series:
     """Deterministic split by content hash: the same prompt always lands in the same split."""
-    buckets = normalized_prompts.map(
-        lambda text: int.from_bytes(hashlib.md5(text.encode()).digest()[:4], "big") % 10_000
-    )
-    return pd.Series(np.where(buckets < eval_fraction * 10_000, "eval", "train"), index=buckets.index)
-
-
-def _first_row_of_group(keys: pd.Series, row_numbers: pd.Series) -> pd.Series:
-    return row_numbers.groupby(keys, sort=False).transform("first")
+    hashes = pd.util.hash_array(normalized_prompts.to_numpy(dtype=object), hash_key=SPLIT_HASH_KEY)
+    buckets = hashes % np.uint64(10_000)
+    return pd.Series(np.where(buckets < eval_fraction * 10_000, "eval", "train"),
+                     index=normalized_prompts.index)
 
 
 def add_derived_columns(frame: pd.DataFrame, rules: ValidationRules) -> pd.DataFrame:
-    """Columns the suite checks: _<col>_tokens, split, _duplicate_of, _leaks_from."""
+    """Columns the suite checks: _<col>_text, _<col>_tokens, split, _duplicate_of, _leaks_from."""
     frame = frame.reset_index(drop=True)
     for column in rules.text_columns:
         if column in frame.columns:
-            frame[f"_{column}_tokens"] = count_tokens(frame[column])
+            frame[f"_{column}_text"] = as_text(frame[column])
+            frame[f"_{column}_tokens"] = count_tokens(frame[column], frame[f"_{column}_text"])
 
     if "prompt" in frame.columns:
-        normalized = normalize_text(frame["prompt"])
+        normalized = normalize_text(frame["_prompt_text"])
         hashed_split = assign_split(normalized, rules.eval_fraction)
         if "split" in frame.columns:
             given = frame["split"].where(frame["split"].isna(), frame["split"].astype(str).str.lower())
@@ -110,20 +126,32 @@ def add_derived_columns(frame: pd.DataFrame, rules: ValidationRules) -> pd.DataF
         else:
             frame["split"] = hashed_split
         # Train/eval leakage: an eval row whose prompt also appears in the train split.
-        in_train = frame["split"].eq("train")
-        first_train_row = (
-            frame.loc[in_train, "_row_number"].groupby(normalized[in_train], sort=False).first()
-        )
-        leaks_from = normalized.map(first_train_row)
-        frame["_leaks_from"] = leaks_from.where(frame["split"].eq("eval"))
+        in_train = frame["split"].eq("train").to_numpy()
+        in_eval = frame["split"].eq("eval").to_numpy()
+        leaking = in_eval & normalized.isin(normalized[in_train]).to_numpy()
+        frame["_leaks_from"] = _first_match(leaking, normalized, in_train, frame["_row_number"])
 
-    key_columns = [c for c in ("prompt", "response") if c in frame.columns]
+    key_columns = [c for c in ("prompt", "response") if f"_{c}_text" in frame.columns]
     if key_columns:
         # Exact duplicates: the same prompt and response as an earlier row; the first one is kept.
-        key = pd.util.hash_pandas_object(frame[key_columns].fillna("").astype(str), index=False)
-        first_row = _first_row_of_group(key, frame["_row_number"])
-        frame["_duplicate_of"] = first_row.where(first_row.ne(frame["_row_number"]))
+        keys = frame[[f"_{c}_text" for c in key_columns]]
+        key = pd.Series(pd.util.hash_pandas_object(keys, index=False).to_numpy(), index=frame.index)
+        later = key.duplicated(keep="first").to_numpy()
+        frame["_duplicate_of"] = _first_match(later, key, ~later, frame["_row_number"])
     return frame
+
+
+def _first_match(rows: np.ndarray, keys: pd.Series, candidates: np.ndarray,
+                 row_numbers: pd.Series) -> pd.Series:
+    """For each row in `rows`, the first row number among `candidates` with the same key, NaN
+    elsewhere. `rows` is usually sparse, so only the keys involved are looked up."""
+    result = pd.Series(np.nan, index=keys.index)
+    if rows.any():
+        wanted = keys[rows]
+        pool = keys[candidates & keys.isin(wanted).to_numpy()]
+        first = row_numbers[pool.index].groupby(pool.to_numpy(), sort=False).first()
+        result[rows] = wanted.map(first).to_numpy(dtype="float64")
+    return result
 
 
 @dataclass(frozen=True)
@@ -163,8 +191,9 @@ def build_rules(columns: list[str], rules: ValidationRules) -> list[_Rule]:
             f"_{column}_tokens", "length",
             f"{column}: {{value:.0f}} tokens, outside the bounds {low}..{high}"))
         for label, pattern in PII_PATTERNS.items():
-            suite.append(_Rule(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=pattern),
-                               column, f"pii: {label.split(' ', 1)[1]}",
+            suite.append(_Rule(gxe.ExpectColumnValuesToNotMatchRegex(column=f"_{column}_text",
+                                                                     regex=pattern),
+                               f"_{column}_text", f"pii: {label.split(' ', 1)[1]}",
                                f"{column}: contains {label} (PII)"))
     if "split" in columns:
         suite.append(_Rule(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
@@ -224,7 +253,7 @@ def _run_suite(frame: pd.DataFrame, suite: list[_Rule]) -> list[list[int]]:
     return failing
 
 
-def _original_row(row: pd.Series, source_columns: list[str]) -> str:
+def _original_row(row: dict, source_columns: list[str]) -> str:
     """The whole row as the source held it, as JSON text (ASCII-escaped, so any byte survives)."""
     if isinstance(row.get("_raw"), str):
         return json.dumps({"_raw": row["_raw"]})
@@ -266,8 +295,8 @@ def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None)
         {
             "row_number": derived.loc[bad, "_row_number"].astype(int).to_numpy(),
             "reasons": [reasons[i] for i in np.flatnonzero(bad)],
-            "original_row": [_original_row(frame.iloc[i], source_columns)
-                             for i in np.flatnonzero(bad)],
+            "original_row": [_original_row(row, source_columns)
+                             for row in frame.iloc[np.flatnonzero(bad)].to_dict(orient="records")],
         }
     )
     keep = [c for c in source_columns if c != "split"] + ["split", "_row_number"]

@@ -8,6 +8,7 @@ import pytest
 from llmops_dagster.sources import read_source
 from llmops_dagster.validation import (
     ValidationRules,
+    as_text,
     assign_split,
     count_tokens,
     data_version,
@@ -81,10 +82,10 @@ def test_missing_required_column_quarantines_every_row_naming_it():
 
 def test_split_is_deterministic_and_follows_the_normalized_prompt():
     prompts = pd.Series([f"question number {i}" for i in range(2000)])
-    first = assign_split(normalize_text(prompts), 0.1)
-    assert first.equals(assign_split(normalize_text(prompts), 0.1))
+    first = assign_split(normalize_text(as_text(prompts)), 0.1)
+    assert first.equals(assign_split(normalize_text(as_text(prompts)), 0.1))
     assert 0.07 < (first == "eval").mean() < 0.13
-    same = assign_split(normalize_text(pd.Series(["Hello  World", "hello world"])), 0.5)
+    same = assign_split(normalize_text(as_text(pd.Series(["Hello  World", "hello world"]))), 0.5)
     assert same.iloc[0] == same.iloc[1]
 
 
