@@ -2,18 +2,20 @@
 
 import dagster as dg
 
-from assets import dataset, prompts
+from assets import dataset, prompts, training
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
+from resources.trainer import TrainerResource
 from schedules.jobs import main_job
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([dataset, prompts]),
+    assets=dg.load_assets_from_modules([dataset, prompts, training]),
     jobs=[main_job],
     resources={
         "database": PostgresResource(),
         "artifacts": ArtifactStore(),
         "embedder": EmbedderResource(),
+        "trainer": TrainerResource(),
     },
 )

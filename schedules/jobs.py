@@ -5,6 +5,7 @@ import dagster as dg
 # The main job: every lifecycle product built so far, from raw examples on.
 main_job = dg.define_asset_job(
     "main",
-    selection=dg.AssetSelection.groups("dataset", "prompts"),
-    description="The whole lifecycle on the configured data: dataset, prompt set, embeddings.",
+    selection=dg.AssetSelection.groups("dataset", "prompts", "fine_tuning"),
+    description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
+    "base model, fine-tune.",
 )

@@ -1,0 +1,173 @@
+"""Fine-tuning stage: the base model, and a DeepSpeed LoRA fine-tune of it on the prompt set."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets.prompts import prompt_set
+from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.prompts import SPLIT_FILES
+from llmops_dagster.training import base_model as base_models
+from llmops_dagster.training import launch
+from llmops_dagster.training.plots import loss_curve_markdown
+from llmops_dagster.training.train_lora import RunConfig, write_run_config
+from resources.artifacts import ArtifactStore
+from resources.trainer import TrainerResource
+
+SCRATCH = "scratch"
+
+
+class BaseModelConfig(dg.Config):
+    source: str = Field(
+        default=SCRATCH,
+        description="'scratch' builds a small Llama from the sizes below with a BPE tokenizer "
+        "trained on the training split; otherwise a local Hugging Face folder or model id.",
+    )
+    vocab_size: int = Field(default=2000, description="BPE vocabulary (tokens).")
+    hidden_size: int = Field(default=128, description="Model width.")
+    intermediate_size: int = Field(default=256, description="MLP width.")
+    num_hidden_layers: int = Field(default=2, description="Transformer blocks.")
+    num_attention_heads: int = Field(default=4, description="Attention heads.")
+    max_position_embeddings: int = Field(default=256, description="Longest sequence (tokens).")
+    seed: int = Field(default=0, description="Seed of the random initialization.")
+
+    def spec(self) -> base_models.ScratchModelSpec:
+        return base_models.ScratchModelSpec(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            max_position_embeddings=self.max_position_embeddings, seed=self.seed,
+        )
+
+
+@dg.asset(group_name="fine_tuning", deps=[prompt_set], kinds={"transformers"})
+def base_model(
+    context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
+) -> dg.MaterializeResult:
+    """The causal LM to fine-tune, as a Hugging Face folder loadable with from_pretrained."""
+    prompts = latest_metadata(context, prompt_set)
+    if config.source == SCRATCH:
+        train_file = Path(prompts["path"]) / SPLIT_FILES["train"]
+        records = [json.loads(line) for line in train_file.read_text().splitlines()]
+        texts = [r["prompt"] + r["completion"] for r in records]
+        version, folder = artifacts.write_content_addressed(
+            "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)
+        )
+        path = str(folder)
+    else:
+        base_models.check_loadable(config.source)
+        path = config.source
+        version = launch.run_version({"source": config.source})
+    description = base_models.describe(path)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "version": version,
+            "path": dg.MetadataValue.path(path),
+            "source": config.source,
+            "tokenizer_trained_on": prompts["version"] if config.source == SCRATCH else "-",
+            **description,
+        },
+    )
+
+
+class FinetuneConfig(dg.Config):
+    num_processes: int = Field(default=2, description="Ranks (CPU processes or GPUs).")
+    deepspeed_config: str = Field(
+        default="cpu_zero2", description="A file in deepspeed_configs/ (without .json) or a path."
+    )
+    zero_stage: int | None = Field(default=None, description="Override: ZeRO stage 0-3.")
+    micro_batch_size: int | None = Field(default=None, description="Override: examples a rank a micro step.")
+    gradient_accumulation_steps: int | None = Field(default=None, description="Override.")
+    precision: str | None = Field(default=None, description="Override: fp32, bf16 or fp16.")
+    learning_rate: float | None = Field(default=None, description="Override: peak learning rate.")
+    max_steps: int = Field(default=150, description="Optimizer steps.")
+    checkpoint_every: int = Field(default=50, description="Optimizer steps between checkpoints.")
+    seq_len: int = Field(default=96, description="Tokens per example (truncated, padded).")
+    lora_r: int = Field(default=16, description="LoRA rank.")
+    lora_alpha: int = Field(default=32, description="LoRA scaling numerator (scale = alpha / r).")
+    target_modules: list[str] = Field(
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get LoRA adapters.",
+    )
+    seed: int = Field(default=0, description="Seed of LoRA init and batch order.")
+
+    def overrides(self) -> launch.DeepSpeedOverrides:
+        return launch.DeepSpeedOverrides(
+            zero_stage=self.zero_stage, micro_batch_size=self.micro_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            precision=self.precision, learning_rate=self.learning_rate,
+        )
+
+
+@dg.asset(group_name="fine_tuning", deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"})
+def finetuned_checkpoint(
+    context: dg.AssetExecutionContext,
+    config: FinetuneConfig,
+    artifacts: ArtifactStore,
+    trainer: TrainerResource,
+) -> dg.MaterializeResult:
+    """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
+    prompts = latest_metadata(context, prompt_set)
+    base = latest_metadata(context, base_model)
+    launch.check_settings(base["path"], config.num_processes, config.target_modules)
+    deepspeed_config = launch.resolve_deepspeed_config(
+        launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), config.max_steps
+    )
+    lineage = {"base_model_version": base["version"], "prompt_set_version": prompts["version"],
+               "dataset_version": prompts["dataset_version"]}
+    settings = {k: v for k, v in config.model_dump().items()
+                if k not in launch.DeepSpeedOverrides.__dataclass_fields__}
+    version = launch.run_version({**lineage, **settings, "deepspeed": deepspeed_config})
+    output = artifacts.version_dir("finetunes", version)
+    run = RunConfig(
+        base_model=base["path"],
+        train_file=str(Path(prompts["path"]) / SPLIT_FILES["train"]),
+        eval_file=str(Path(prompts["path"]) / SPLIT_FILES["eval"]),
+        output_dir=str(output),
+        deepspeed_config=deepspeed_config,
+        target_modules=config.target_modules,
+        lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        max_steps=config.max_steps,
+        seq_len=config.seq_len,
+        checkpoint_every=config.checkpoint_every,
+        seed=config.seed,
+        lineage=lineage,
+    )
+    reported_steps = 0
+    if (output / "DONE").exists():
+        context.log.info(f"fine-tune {version} is complete already; reusing it")
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        write_run_config(run, output / "train_config.json")
+        _, messages = trainer.run(context, output / "train_config.json", config.num_processes)
+        reported_steps = len(messages)
+    summary = json.loads((output / "summary.json").read_text())
+    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    zero_stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={
+            "version": version,
+            **lineage,
+            "path": dg.MetadataValue.path(str(output)),
+            "deepspeed_checkpoints": dg.MetadataValue.path(str(output / "deepspeed")),
+            "adapter_path": dg.MetadataValue.path(summary["adapter"]),
+            "merged_model_path": dg.MetadataValue.path(summary["merged"]),
+            "train_config": dg.MetadataValue.path(str(output / "train_config.json")),
+            "world_size": summary["world_size"],
+            "zero_stage": zero_stage,
+            "global_step": summary["global_step"],
+            "resumed_from_step": summary["resumed_from_step"],
+            "final_train_loss": round(summary["final_loss"], 4),
+            "eval_loss": round(summary.get("eval_loss", float("nan")), 4),
+            "eval_loss_base_model": round(summary.get("eval_loss_base", float("nan")), 4),
+            "tokens_per_s": round(summary["tokens_per_s"], 1),
+            "wall_seconds": round(summary["wall_seconds"], 1),
+            "steps_reported_via_pipes": reported_steps,
+            "loss_curve": dg.MetadataValue.md(loss_curve_markdown(history)),
+        },
+    )

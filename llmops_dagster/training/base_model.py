@@ -1,0 +1,122 @@
+"""The base model: a small Llama built from a config with a BPE tokenizer trained on the training
+split, saved as a Hugging Face folder; or any local `from_pretrained` folder or model id.
+
+Either way the model is loaded back through `AutoModelForCausalLM.from_pretrained`, the same code a
+real checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+class BaseModelError(ValueError):
+    """The base model setting cannot be used; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ScratchModelSpec:
+    """Sizes of the Llama built from config (defaults: about 0.6M parameters, for 2 CPU cores)."""
+
+    vocab_size: int = 2000  # BPE merges stop here
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    max_position_embeddings: int = 256  # tokens
+    seed: int = 0
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def build_scratch_model(texts: list[str], spec: ScratchModelSpec, folder: Path) -> None:
+    """Train the tokenizer, build a randomly initialized Llama (seeded) and save both to `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(spec.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "llmops_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+
+
+def check_loadable(source: str, setting: str = "base_model.source") -> None:
+    """Fail early, naming the setting, when `source` is neither a model folder nor a cached id."""
+    path = Path(source)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BaseModelError(f"{setting} {source!r} is a folder without config.json: "
+                                 f"not a Hugging Face model folder")
+        return
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise BaseModelError(f"{setting} {source!r} does not exist")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(source)
+    except OSError as error:
+        raise BaseModelError(f"{setting} {source!r} is not a local folder and could not be loaded "
+                             f"as a model id ({error.__class__.__name__}: no hub is reachable here)"
+                             ) from error
+
+
+def describe(source: str) -> dict:
+    """Architecture, parameter count and vocabulary of a model, loaded on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {
+        "architecture": config.architectures[0] if config.architectures else config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": config.vocab_size,
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+    }
+
+
+def module_names(source: str) -> set[str]:
+    """Names of the model's modules (last path component), from the meta device: no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}

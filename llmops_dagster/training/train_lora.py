@@ -1,0 +1,337 @@
+"""Fine-tune a causal LM with LoRA under DeepSpeed, one process a rank.
+
+Stands alone; the `finetuned_checkpoint` asset starts it through Dagster Pipes, and a person can run
+it by hand with a run file the asset wrote (`<output_dir>/train_config.json`):
+
+    torchrun --nproc_per_node=2 -m llmops_dagster.training.train_lora --config run.json
+
+The run file names the base model folder, the prompt set's train/eval JSONL files, the output
+folder, the resolved DeepSpeed config and the LoRA settings. The DeepSpeed config decides ZeRO
+stage, micro batch, gradient accumulation and precision; the same file runs gloo on CPUs and NCCL
+on GPUs. Every `checkpoint_every` optimizer steps all ranks write a checkpoint into a staging tag
+that rank 0 then marks complete and renames; a re-run continues from the newest complete one.
+
+Products in the output folder: deepspeed/ (checkpoints), adapter/ (peft LoRA), merged/ (a Hugging
+Face folder ready to serve), metrics.jsonl (one line an optimizer step), train_config.json, and
+DONE (written last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Testing hook: a crash at an exact point, which a real fault cannot be made to produce on cue.
+# "kill-at-step:N" (after optimizer step N) or "kill-during-checkpoint:N" (rank 0's shards written,
+# the other ranks' maybe not, no completion marker): rank 0 SIGKILLs its whole process group.
+FAULT_ENV = "LLMOPS_TRAIN_FAULT"
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; saved beside its products."""
+
+    base_model: str
+    train_file: str
+    output_dir: str
+    deepspeed_config: dict
+    eval_file: str | None = None
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    max_steps: int = 100  # optimizer steps
+    seq_len: int = 128  # tokens per example after truncation and padding
+    checkpoint_every: int = 25  # optimizer steps between checkpoints
+    seed: int = 0
+    lineage: dict = field(default_factory=dict)  # dataset / prompt-set / base-model versions
+
+    @property
+    def micro_batch(self) -> int:
+        return int(self.deepspeed_config["train_micro_batch_size_per_gpu"])
+
+    @property
+    def grad_accum(self) -> int:
+        return int(self.deepspeed_config.get("gradient_accumulation_steps", 1))
+
+
+class Reporter:
+    """Logs and metrics: to Dagster through Pipes from rank 0 when launched by Dagster, else to
+    stdout. Other ranks only log warnings."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._stack = contextlib.ExitStack()
+        self.pipes = None
+        logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", stream=sys.stdout)
+        self.log = logging.getLogger("train_lora")
+        if rank != 0:
+            self.log.setLevel(logging.WARNING)
+            return
+        from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+        if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ:
+            self.pipes = self._stack.enter_context(open_dagster_pipes())
+            self.log = self.pipes.log
+
+    def metric(self, payload: dict) -> None:
+        if self.pipes is not None:
+            self.pipes.report_custom_message(payload)
+
+    def materialized(self, metadata: dict, data_version: str) -> None:
+        if self.pipes is not None:
+            self.pipes.report_asset_materialization(metadata=metadata, data_version=data_version)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def encode_examples(path: str, tokenizer, seq_len: int):
+    """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file."""
+    import torch
+    from datasets import load_dataset
+
+    records = load_dataset("json", data_files=path, split="train")
+    ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
+    for row, record in enumerate(records):
+        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        tokens = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + prompt
+        target_start = len(tokens)
+        tokens = (tokens + answer + [tokenizer.eos_token_id])[:seq_len]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, target_start : len(tokens)] = torch.tensor(tokens[target_start:])
+    mask = (torch.arange(seq_len)[None, :] < (ids != tokenizer.pad_token_id).sum(1, keepdim=True))
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+
+
+class BatchOrder:
+    """Which examples each rank sees at each micro-batch: a fresh seeded permutation an epoch, so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, n_examples: int, micro_batch: int, world_size: int, seed: int):
+        self.n, self.micro, self.world, self.seed = n_examples, micro_batch, world_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=generator).tolist()
+        return self._perms[epoch]
+
+    def indices(self, micro_step: int, rank: int) -> list[int]:
+        start = (micro_step * self.world + rank) * self.micro
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.micro)]
+
+
+def _fault() -> tuple[str, int] | None:
+    value = os.environ.get(FAULT_ENV, "")
+    if not value:
+        return None
+    kind, _, step = value.partition(":")
+    return kind, int(step)
+
+
+def _kill_process_tree() -> None:
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def save_checkpoint(engine, root: Path, step: int, rank: int, reporter: Reporter) -> None:
+    import torch.distributed as dist
+
+    from llmops_dagster.training import checkpoints
+
+    engine.save_checkpoint(str(root), tag=checkpoints.staging_tag(step),
+                           client_state={"global_step": step}, save_latest=False)
+    if rank == 0 and _fault() == ("kill-during-checkpoint", step):
+        reporter.log.warning(f"fault injection: SIGKILL while checkpoint {step} is being written")
+        _kill_process_tree()
+    dist.barrier()
+    if rank == 0:
+        checkpoints.publish(root, step, {"world_size": dist.get_world_size()})
+        reporter.log.info(f"checkpoint {checkpoints.tag_for(step)} complete")
+    dist.barrier()
+
+
+def evaluate_loss(model, data: dict, batch_size: int = 32) -> float:
+    """Mean token loss of `model` on encoded examples (no gradients)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data["input_ids"]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in data.items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * tokens
+            count += tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def export_products(engine, config: RunConfig, tokenizer, rank: int, reporter: Reporter) -> dict:
+    """Adapter and merged model from rank 0 (parameters gathered first under ZeRO-3)."""
+    import deepspeed
+    import torch.distributed as dist
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    output = Path(config.output_dir)
+    stage = config.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+              if stage == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            engine.module.save_pretrained(str(output / "adapter"))
+    dist.barrier()
+    products = {}
+    if rank == 0:
+        base = AutoModelForCausalLM.from_pretrained(config.base_model)
+        merged = PeftModel.from_pretrained(base, str(output / "adapter")).merge_and_unload()
+        merged.save_pretrained(str(output / "merged"))
+        tokenizer.save_pretrained(str(output / "merged"))
+        products = {"adapter": str(output / "adapter"), "merged": str(output / "merged")}
+        if config.eval_file:
+            eval_data = encode_examples(config.eval_file, tokenizer, config.seq_len)
+            products["eval_loss"] = evaluate_loss(merged, eval_data)
+            products["eval_loss_base"] = evaluate_loss(
+                AutoModelForCausalLM.from_pretrained(config.base_model), eval_data)
+    return products
+
+
+def train(config: RunConfig) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmops_dagster.training import checkpoints
+
+    deepspeed.init_distributed()  # gloo on CPUs, NCCL on GPUs: DeepSpeed's accelerator decides
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reporter = Reporter(rank)
+    output = Path(config.output_dir)
+    ckpt_root = output / "deepspeed"
+    if rank == 0:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        removed = checkpoints.remove_partial(ckpt_root)
+        if removed:
+            reporter.log.warning(f"removed incomplete checkpoints left by a crash: {removed}")
+    dist.barrier()
+
+    torch.manual_seed(config.seed)
+    tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    model = AutoModelForCausalLM.from_pretrained(config.base_model)
+    model = get_peft_model(model, LoraConfig(
+        task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout, target_modules=config.target_modules))
+    data = encode_examples(config.train_file, tokenizer, config.seq_len)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+                                           config=config.deepspeed_config)
+    device = engine.device
+
+    start_step = 0
+    resume = checkpoints.latest_complete(ckpt_root)
+    if resume is not None:
+        tag, start_step = resume
+        engine.load_checkpoint(str(ckpt_root), tag=tag)
+        reporter.log.info(f"resumed from checkpoint {tag} (global step {start_step})")
+    order = BatchOrder(len(data["input_ids"]), config.micro_batch, world, config.seed)
+    reporter.log.info(
+        f"training {config.max_steps} steps on {world} ranks ({device}): micro batch "
+        f"{config.micro_batch} x grad accum {config.grad_accum} x {world} ranks = "
+        f"{config.micro_batch * config.grad_accum * world} examples/step, ZeRO stage "
+        f"{config.deepspeed_config.get('zero_optimization', {}).get('stage', 0)}, "
+        f"{sum(p.numel() for p in trainable):,} trainable parameters")
+
+    metrics_path = output / "metrics.jsonl"
+    started = time.perf_counter()
+    for step in range(start_step + 1, config.max_steps + 1):
+        step_started = time.perf_counter()
+        losses, tokens = [], 0
+        for micro in range(config.grad_accum):
+            index = order.indices((step - 1) * config.grad_accum + micro, rank)
+            batch = {k: v[index].to(device) for k, v in data.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+            tokens += int(batch["attention_mask"].sum())
+        # Mean loss over ranks; tokens over ranks (tokens/s counts every non-padding token).
+        summary = torch.tensor([sum(losses) / len(losses), float(tokens)])
+        dist.all_reduce(summary)
+        seconds = time.perf_counter() - step_started
+        record = {"step": step, "loss": float(summary[0]) / world, "lr": engine.get_lr()[0],
+                  "tokens": int(summary[1]), "tokens_per_s": float(summary[1]) / seconds,
+                  "seconds": seconds}
+        if rank == 0:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            reporter.metric(record)
+            if step == start_step + 1 or step % 10 == 0 or step == config.max_steps:
+                reporter.log.info(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
+                                  f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
+        if rank == 0 and _fault() == ("kill-at-step", step):
+            reporter.log.warning(f"fault injection: SIGKILL after step {step}")
+            _kill_process_tree()
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
+            save_checkpoint(engine, ckpt_root, step, rank, reporter)
+
+    wall = time.perf_counter() - started
+    products = export_products(engine, config, tokenizer, rank, reporter)
+    if rank == 0:
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        this_run = [h for h in history if h["step"] > start_step] or history[-1:]
+        summary = {
+            "global_step": config.max_steps,
+            "resumed_from_step": start_step,
+            "final_loss": history[-1]["loss"],
+            "tokens_per_s": sum(h["tokens"] for h in this_run) / sum(h["seconds"] for h in this_run),
+            "wall_seconds": wall,
+            "world_size": world,
+            **products,
+        }
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        (output / "DONE").write_text(json.dumps({"time": time.time()}))
+        reporter.log.info(f"done: final loss {summary['final_loss']:.4f}, "
+                          f"{summary['tokens_per_s']:.0f} tokens/s, {wall:.1f} s")
+        reporter.materialized(
+            {k: v for k, v in summary.items() if isinstance(v, int | float | str)},
+            data_version=Path(config.output_dir).name,
+        )
+    dist.barrier()
+    reporter.close()
+    if math.isnan(history[-1]["loss"] if rank == 0 else 0.0):
+        raise SystemExit("training diverged: the final loss is NaN")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="LoRA fine-tune under DeepSpeed (one rank).")
+    parser.add_argument("--config", required=True, help="run file (JSON) written by the launcher")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    config = RunConfig(**json.loads(Path(args.config).read_text()))
+    train(config)
+
+
+def write_run_config(config: RunConfig, path: Path) -> None:
+    path.write_text(json.dumps(asdict(config), indent=2))
+
+
+if __name__ == "__main__":
+    main()
