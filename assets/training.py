@@ -12,7 +12,7 @@ from llmops_dagster.prompts import SPLIT_FILES
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
 from llmops_dagster.training.plots import loss_curve_markdown
-from llmops_dagster.training.train_lora import RunConfig, write_run_config
+from llmops_dagster.training.train_lora import RunConfig, read_history, write_run_config
 from resources.artifacts import ArtifactStore
 from resources.trainer import TrainerResource
 
@@ -57,7 +57,10 @@ def base_model(
         )
         path = str(folder)
     else:
-        base_models.check_loadable(config.source)
+        try:
+            base_models.check_loadable(config.source)
+        except base_models.BaseModelError as error:
+            raise dg.Failure(description=str(error)) from error
         path = config.source
         version = launch.run_version({"source": config.source})
     description = base_models.describe(path)
@@ -112,10 +115,13 @@ def finetuned_checkpoint(
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
     prompts = latest_metadata(context, prompt_set)
     base = latest_metadata(context, base_model)
-    launch.check_settings(base["path"], config.num_processes, config.target_modules)
-    deepspeed_config = launch.resolve_deepspeed_config(
-        launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), config.max_steps
-    )
+    try:  # every setting that can be known wrong is checked before a process starts
+        launch.check_settings(base["path"], config.num_processes, config.target_modules)
+        deepspeed_config = launch.resolve_deepspeed_config(
+            launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), config.max_steps
+        )
+    except (launch.TrainingConfigError, base_models.BaseModelError) as error:
+        raise dg.Failure(description=str(error)) from error
     lineage = {"base_model_version": base["version"], "prompt_set_version": prompts["version"],
                "dataset_version": prompts["dataset_version"]}
     settings = {k: v for k, v in config.model_dump().items()
@@ -146,7 +152,7 @@ def finetuned_checkpoint(
         _, messages = trainer.run(context, output / "train_config.json", config.num_processes)
         reported_steps = len(messages)
     summary = json.loads((output / "summary.json").read_text())
-    history = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    history = read_history(output / "metrics.jsonl")
     zero_stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),

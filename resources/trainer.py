@@ -38,9 +38,10 @@ class TrainerResource(dg.ConfigurableResource):
             tail = self._run_tree(command, env, cwd=run_file.parent)
             if tail is not None:
                 code, lines = tail
+                cause = next((line.strip() for line in lines if _is_cause(line)), "see last_output")
                 raise dg.Failure(
                     description=f"training exited with code {code} "
-                    f"({'killed by signal ' + str(-code) if code < 0 else 'error'}); "
+                    f"({'killed by signal ' + str(-code) if code < 0 else cause}); "
                     f"re-run to resume from the last complete checkpoint",
                     metadata={"last_output": dg.MetadataValue.text("".join(lines))},
                 )
@@ -52,7 +53,7 @@ class TrainerResource(dg.ConfigurableResource):
         (exit code, last lines). Stops the whole tree if this process is interrupted."""
         process = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        last = collections.deque(maxlen=40)
+        last = collections.deque(maxlen=200)
         try:
             for line in process.stdout:
                 sys.stdout.write(line)
@@ -70,3 +71,11 @@ class TrainerResource(dg.ConfigurableResource):
                 pass
             return code, list(last)
         return None
+
+
+def _is_cause(line: str) -> bool:
+    """A line of the ranks' output that says why training stopped."""
+    text = line.strip().split("]: ", 1)[-1] if line.startswith("[rank") else line.strip()
+    return text.startswith("training diverged") or (
+        "Error" in text and "ChildFailedError" not in text and "gloo" not in text
+    )

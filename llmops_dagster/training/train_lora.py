@@ -32,7 +32,7 @@ from pathlib import Path
 
 # Testing hook: a crash at an exact point, which a real fault cannot be made to produce on cue.
 # "kill-at-step:N" (after optimizer step N) or "kill-during-checkpoint:N" (rank 0's shards written,
-# the other ranks' maybe not, no completion marker): rank 0 SIGKILLs its whole process group.
+# the other ranks' maybe not, no completion marker): rank 0 SIGKILLs the whole launch.
 FAULT_ENV = "LLMOPS_TRAIN_FAULT"
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
 
@@ -104,14 +104,17 @@ def encode_examples(path: str, tokenizer, seq_len: int):
     records = load_dataset("json", data_files=path, split="train")
     ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for row, record in enumerate(records):
         prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        tokens = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + prompt
-        target_start = len(tokens)
-        tokens = (tokens + answer + [tokenizer.eos_token_id])[:seq_len]
+        answer = (answer + [tokenizer.eos_token_id])[: seq_len // 2]
+        # Too long: drop the start of the prompt (the question and "Assistant:" cue are at its end),
+        # so that every example keeps answer tokens to learn from.
+        prompt = (bos + prompt)[-(seq_len - len(answer)):]
+        tokens = prompt + answer
         ids[row, : len(tokens)] = torch.tensor(tokens)
-        labels[row, target_start : len(tokens)] = torch.tensor(tokens[target_start:])
+        labels[row, len(prompt) : len(tokens)] = torch.tensor(answer)
     mask = (torch.arange(seq_len)[None, :] < (ids != tokenizer.pad_token_id).sum(1, keepdim=True))
     return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
 
@@ -145,8 +148,21 @@ def _fault() -> tuple[str, int] | None:
     return kind, int(step)
 
 
+LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed.launcher", "deepspeed/launcher")
+
+
 def _kill_process_tree() -> None:
-    os.killpg(os.getpgrp(), signal.SIGKILL)
+    """SIGKILL the whole launch: the outermost launcher above this rank and all it started."""
+    import psutil
+
+    me = psutil.Process()
+    launchers = [p for p in me.parents() if any(m in " ".join(p.cmdline()) for m in LAUNCHERS)]
+    root = launchers[-1] if launchers else me.parent()
+    for process in [root, *root.children(recursive=True)]:
+        if process.pid != me.pid:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGKILL)
+    me.send_signal(signal.SIGKILL)
 
 
 def save_checkpoint(engine, root: Path, step: int, rank: int, reporter: Reporter) -> None:
@@ -260,6 +276,7 @@ def train(config: RunConfig) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable parameters")
 
     metrics_path = output / "metrics.jsonl"
+    attempt = f"{time.time():.0f}-{os.getpid()}"  # tells this attempt's records from a crashed one's
     started = time.perf_counter()
     for step in range(start_step + 1, config.max_steps + 1):
         step_started = time.perf_counter()
@@ -276,9 +293,9 @@ def train(config: RunConfig) -> None:
         summary = torch.tensor([sum(losses) / len(losses), float(tokens)])
         dist.all_reduce(summary)
         seconds = time.perf_counter() - step_started
-        record = {"step": step, "loss": float(summary[0]) / world, "lr": engine.get_lr()[0],
-                  "tokens": int(summary[1]), "tokens_per_s": float(summary[1]) / seconds,
-                  "seconds": seconds}
+        record = {"attempt": attempt, "step": step, "loss": float(summary[0]) / world,
+                  "lr": engine.get_lr()[0], "tokens": int(summary[1]),
+                  "tokens_per_s": float(summary[1]) / seconds, "seconds": seconds}
         if rank == 0:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -295,8 +312,8 @@ def train(config: RunConfig) -> None:
     wall = time.perf_counter() - started
     products = export_products(engine, config, tokenizer, rank, reporter)
     if rank == 0:
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-        this_run = [h for h in history if h["step"] > start_step] or history[-1:]
+        history = read_history(metrics_path)
+        this_run = [h for h in history if h["attempt"] == attempt] or history[-1:]
         summary = {
             "global_step": config.max_steps,
             "resumed_from_step": start_step,
@@ -306,6 +323,8 @@ def train(config: RunConfig) -> None:
             "world_size": world,
             **products,
         }
+        if math.isnan(summary["final_loss"]):
+            raise SystemExit("training diverged: the final loss is NaN; no product was written")
         (output / "summary.json").write_text(json.dumps(summary, indent=2))
         (output / "DONE").write_text(json.dumps({"time": time.time()}))
         reporter.log.info(f"done: final loss {summary['final_loss']:.4f}, "
@@ -316,8 +335,16 @@ def train(config: RunConfig) -> None:
         )
     dist.barrier()
     reporter.close()
-    if math.isnan(history[-1]["loss"] if rank == 0 else 0.0):
-        raise SystemExit("training diverged: the final loss is NaN")
+
+
+def read_history(metrics_path: Path) -> list[dict]:
+    """One record an optimizer step; where a crashed attempt and its resumption both logged a
+    step, the later line wins."""
+    by_step = {}
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def main(argv: list[str] | None = None) -> None:
