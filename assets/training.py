@@ -95,6 +95,12 @@ class FinetuneConfig(dg.Config):
         default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="Module names that get LoRA adapters.",
     )
+    modules_to_save: list[str] = Field(
+        default=["lm_head"],
+        description="Modules trained in full beside the adapters. The output layer, because the "
+        "default base model is randomly initialized: with it the eval loss falls from 7.6 to about "
+        "0.5 nats/token in 150 steps, without it only to 5.7. Empty for a pretrained base.",
+    )
     seed: int = Field(default=0, description="Seed of LoRA init and batch order.")
 
     def overrides(self) -> launch.DeepSpeedOverrides:
@@ -137,6 +143,7 @@ def finetuned_checkpoint(
         target_modules=config.target_modules,
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
+        modules_to_save=config.modules_to_save,
         max_steps=config.max_steps,
         seq_len=config.seq_len,
         checkpoint_every=config.checkpoint_every,

@@ -50,6 +50,7 @@ class RunConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
+    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapters
     max_steps: int = 100  # optimizer steps
     seq_len: int = 128  # tokens per example after truncation and padding
     checkpoint_every: int = 25  # optimizer steps between checkpoints
@@ -254,7 +255,8 @@ def train(config: RunConfig) -> None:
     model = AutoModelForCausalLM.from_pretrained(config.base_model)
     model = get_peft_model(model, LoraConfig(
         task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout, target_modules=config.target_modules))
+        lora_dropout=config.lora_dropout, target_modules=config.target_modules,
+        modules_to_save=config.modules_to_save or None))
     data = encode_examples(config.train_file, tokenizer, config.seq_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
