@@ -35,6 +35,7 @@ from pathlib import Path
 # the other ranks' maybe not, no completion marker): rank 0 SIGKILLs the whole launch.
 FAULT_ENV = "LLMOPS_TRAIN_FAULT"
 IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
+METRICS_EVERY = 10  # optimizer steps between reductions of per-step metrics over ranks
 
 
 @dataclass
@@ -166,6 +167,27 @@ def _kill_process_tree() -> None:
     me.send_signal(signal.SIGKILL)
 
 
+def flush_metrics(pending: list[list[float]], world: int, rank: int, attempt: str,
+                  metrics_path: Path, reporter: Reporter, max_steps: int) -> None:
+    """Reduce the buffered per-step metrics over ranks in one collective (mean loss, summed tokens),
+    then record each step: one line in metrics.jsonl and one Pipes message."""
+    import torch
+    import torch.distributed as dist
+
+    local = torch.tensor([[loss, tokens] for _, loss, tokens, _, _ in pending], dtype=torch.float64)
+    dist.all_reduce(local)
+    if rank != 0:
+        return
+    with metrics_path.open("a") as handle:
+        for (step, _, _, seconds, lr), (loss_sum, tokens) in zip(pending, local.tolist(), strict=True):
+            record = {"attempt": attempt, "step": int(step), "loss": loss_sum / world, "lr": lr,
+                      "tokens": int(tokens), "tokens_per_s": tokens / seconds, "seconds": seconds}
+            handle.write(json.dumps(record) + "\n")
+            reporter.metric(record)
+    reporter.log.info(f"step {record['step']}/{max_steps} loss {record['loss']:.4f} "
+                      f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
+
+
 def save_checkpoint(engine, root: Path, step: int, rank: int, reporter: Reporter) -> None:
     import torch.distributed as dist
 
@@ -279,6 +301,7 @@ def train(config: RunConfig) -> None:
 
     metrics_path = output / "metrics.jsonl"
     attempt = f"{time.time():.0f}-{os.getpid()}"  # tells this attempt's records from a crashed one's
+    pending: list[list[float]] = []  # this rank's metrics of steps not yet reduced over ranks
     started = time.perf_counter()
     for step in range(start_step + 1, config.max_steps + 1):
         step_started = time.perf_counter()
@@ -291,20 +314,11 @@ def train(config: RunConfig) -> None:
             engine.step()
             losses.append(float(loss))
             tokens += int(batch["attention_mask"].sum())
-        # Mean loss over ranks; tokens over ranks (tokens/s counts every non-padding token).
-        summary = torch.tensor([sum(losses) / len(losses), float(tokens)])
-        dist.all_reduce(summary)
-        seconds = time.perf_counter() - step_started
-        record = {"attempt": attempt, "step": step, "loss": float(summary[0]) / world,
-                  "lr": engine.get_lr()[0], "tokens": int(summary[1]),
-                  "tokens_per_s": float(summary[1]) / seconds, "seconds": seconds}
-        if rank == 0:
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            reporter.metric(record)
-            if step == start_step + 1 or step % 10 == 0 or step == config.max_steps:
-                reporter.log.info(f"step {step}/{config.max_steps} loss {record['loss']:.4f} "
-                                  f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
+        pending.append([step, sum(losses) / len(losses), float(tokens),
+                        time.perf_counter() - step_started, engine.get_lr()[0]])
+        if step % METRICS_EVERY == 0 or step % config.checkpoint_every == 0 or step == config.max_steps:
+            flush_metrics(pending, world, rank, attempt, metrics_path, reporter, config.max_steps)
+            pending = []
         if rank == 0 and _fault() == ("kill-at-step", step):
             reporter.log.warning(f"fault injection: SIGKILL after step {step}")
             _kill_process_tree()
