@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_validation.py
+	$(BIN)/python benchmarks/bench_training.py
 
 ui: $(STAMP)
 	eval "$$($(BIN)/llmops env)" && $(BIN)/dagster dev -w workspace.yaml

@@ -102,6 +102,11 @@ class FinetuneConfig(dg.Config):
         "0.5 nats/token in 150 steps, without it only to 5.7. Empty for a pretrained base.",
     )
     seed: int = Field(default=0, description="Seed of LoRA init and batch order.")
+    peak_tflops: float | None = Field(
+        default=None,
+        description="Peak dense TFLOP/s of all ranks together (e.g. 989 for one H200 in bf16), "
+        "for model FLOPs utilization; None reports achieved TFLOP/s only.",
+    )
 
     def overrides(self) -> launch.DeepSpeedOverrides:
         return launch.DeepSpeedOverrides(
@@ -161,6 +166,9 @@ def finetuned_checkpoint(
     summary = json.loads((output / "summary.json").read_text())
     history = read_history(output / "metrics.jsonl")
     zero_stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    # Model FLOPs: 6 x parameters a token (forward 2N, backward 4N), the usual MFU convention.
+    achieved_tflops = 6 * base["parameters"] * summary["tokens_per_s"] / 1e12
+    mfu = achieved_tflops / config.peak_tflops if config.peak_tflops else None
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -179,6 +187,8 @@ def finetuned_checkpoint(
             "eval_loss": round(summary.get("eval_loss", float("nan")), 4),
             "eval_loss_base_model": round(summary.get("eval_loss_base", float("nan")), 4),
             "tokens_per_s": round(summary["tokens_per_s"], 1),
+            "model_tflops_per_s": round(achieved_tflops, 4),
+            "mfu": round(mfu, 4) if mfu is not None else "set peak_tflops",
             "wall_seconds": round(summary["wall_seconds"], 1),
             "steps_reported_via_pipes": reported_steps,
             "loss_curve": dg.MetadataValue.md(loss_curve_markdown(history)),

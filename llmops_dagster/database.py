@@ -113,14 +113,11 @@ def migrate(url: str) -> None:
     engine = sa.create_engine(url)
     try:
         with engine.begin() as connection:
-            connection.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            try:
-                config.attributes["connection"] = connection
-                command.upgrade(config, "head")
-            finally:
-                connection.execute(
-                    sa.text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
-                )
+            # A transaction-level lock: released only after the migration's commit, so the next
+            # process sees the upgraded schema and has nothing left to do.
+            connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
     finally:
         engine.dispose()
 
