@@ -12,7 +12,7 @@ from resources.database import PostgresResource
 def test_embedded_server_is_reused(platform_db):
     assert platform_db.admin_url() == platform_db.admin_url()
     with platform_db.engine().connect() as connection:
-        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0002"
         assert connection.execute(
             sa.text("SELECT extname FROM pg_extension WHERE extname = 'vector'")
         ).scalar() == "vector"
