@@ -1,9 +1,14 @@
-"""`llmops`: run the lifecycle, manage the embedded database, inspect quarantine.
+"""`llmops`: run the lifecycle, manage the embedded database, inspect quarantine, govern models.
 
     llmops run                   materialize the main job into the PostgreSQL-backed instance
     llmops env                   print the environment `dagster dev` needs (for `eval`)
     llmops db start|stop|url     the embedded server (start is implied by every other command)
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
+    llmops models list           registered model versions, newest first
+    llmops models show VERSION   one version's fields and its audit log
+    llmops models approve VERSION [--by NAME] [--reason TEXT]   promote it to production
+    llmops models reject VERSION --reason TEXT [--by NAME]      withdraw a candidate
+    llmops models rollback --reason TEXT [--by NAME]            restore the previous production version
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import shlex
 import sys
 
 import sqlalchemy as sa
+
+from llmops_dagster import registry
 
 
 def _database():
@@ -54,6 +61,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# Markdown tables worth reading in a terminal: the eval table, the policy decision, the registry.
+TABLES_IN_SUMMARY = ("metrics", "decision", "registry")
+
+
 def _print_summary(result) -> None:
     print("\n== llmops run: summary ==")
     for event in result.get_asset_materialization_events():
@@ -67,6 +78,9 @@ def _print_summary(result) -> None:
         print(f"\n{materialization.asset_key.to_user_string()}")
         for name, value in shown.items():
             print(f"  {name:26} {value}")
+        for name in TABLES_IN_SUMMARY:
+            if name in metadata:
+                print(f"\n  {name}:\n" + "\n".join(f"  {line}" for line in str(metadata[name]).splitlines()))
     for evaluation in result.get_asset_check_evaluations():
         verdict = "PASSED" if evaluation.passed else "FAILED"
         description = evaluation.description or ""
@@ -108,6 +122,79 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _actor(args: argparse.Namespace) -> str:
+    return args.by or os.environ.get("USER") or "unknown"
+
+
+def _models_list(engine: sa.Engine, _: argparse.Namespace) -> None:
+    versions = registry.list_versions(engine)
+    for model in versions:
+        print(f"{model.version:24} {model.stage:10} dataset {model.dataset_version}  "
+              f"base {model.base_model_version}  approver {model.approver or '-'}  "
+              f"created {model.created_at:%Y-%m-%d %H:%M:%S}")
+    if not versions:
+        print("the model registry is empty")
+
+
+def _models_show(engine: sa.Engine, args: argparse.Namespace) -> None:
+    model = registry.get(engine, args.version)
+    for name, value in vars(model).items():
+        shown = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+        print(f"{name:20} {shown}")
+    print("\naudit log:")
+    for entry in registry.audit_log(engine, args.version):
+        print(f"  {entry['at']:%Y-%m-%d %H:%M:%S}  {entry['from_stage'] or '-'} -> {entry['to_stage']}  "
+              f"by {entry['actor']}: {entry['reason']}")
+
+
+def _models_approve(engine: sa.Engine, args: argparse.Namespace) -> None:
+    model = registry.promote(engine, args.version, actor=_actor(args), reason=args.reason)
+    print(f"model version {model.version} is in production (approved by {model.approver})")
+
+
+def _models_reject(engine: sa.Engine, args: argparse.Namespace) -> None:
+    model = registry.reject(engine, args.version, actor=_actor(args), reason=args.reason)
+    print(f"model version {model.version} is rejected")
+
+
+def _models_rollback(engine: sa.Engine, args: argparse.Namespace) -> None:
+    model = registry.rollback(engine, actor=_actor(args), reason=args.reason)
+    print(f"rolled back: model version {model.version} is in production again")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    try:
+        args.action(_database().engine(), args)
+    except registry.RegistryError as error:
+        print(error, file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_models_parser(commands) -> None:
+    models = commands.add_parser("models", help="the model registry")
+    models.set_defaults(handler=cmd_models)
+    actions = models.add_subparsers(dest="models_command", required=True)
+    actions.add_parser("list", help="registered versions, newest first").set_defaults(action=_models_list)
+    show = actions.add_parser("show", help="one version and its audit log")
+    show.add_argument("version")
+    show.set_defaults(action=_models_show)
+    approve = actions.add_parser("approve", help="promote a version to production")
+    approve.add_argument("version")
+    approve.add_argument("--by", help="approver (default: $USER)")
+    approve.add_argument("--reason", default="approved by hand")
+    approve.set_defaults(action=_models_approve)
+    reject = actions.add_parser("reject", help="withdraw a candidate")
+    reject.add_argument("version")
+    reject.add_argument("--reason", required=True)
+    reject.add_argument("--by", help="who decides (default: $USER)")
+    reject.set_defaults(action=_models_reject)
+    rollback = actions.add_parser("rollback", help="restore the previous production version")
+    rollback.add_argument("--reason", required=True)
+    rollback.add_argument("--by", help="who decides (default: $USER)")
+    rollback.set_defaults(action=_models_rollback)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     quarantine = commands.add_parser("quarantine", help="newest quarantined rows")
     quarantine.add_argument("-n", type=int, default=20)
     quarantine.set_defaults(handler=cmd_quarantine)
+    _add_models_parser(commands)
     args = parser.parse_args(argv)
     return args.handler(args)
 

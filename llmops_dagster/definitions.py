@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import dataset, prompts, training
+from assets import dataset, evaluation, governance, prompts, training
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -10,7 +10,7 @@ from resources.trainer import TrainerResource
 from schedules.jobs import main_job
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([dataset, prompts, training]),
+    assets=dg.load_assets_from_modules([dataset, prompts, training, evaluation, governance]),
     jobs=[main_job],
     resources={
         "database": PostgresResource(),

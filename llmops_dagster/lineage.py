@@ -16,3 +16,17 @@ def latest_metadata(context: dg.AssetExecutionContext, asset: dg.AssetsDefinitio
             f"(or select it in the same run)"
         )
     return {name: value.value for name, value in event.asset_materialization.metadata.items()}
+
+
+def failed_checks(context: dg.AssetExecutionContext, checks: list[dg.AssetCheckKey]) -> list[str]:
+    """The checks among `checks` whose latest execution did not succeed (or never ran)."""
+    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+    latest = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(checks)
+    failed = []
+    for key in checks:
+        record = latest.get(key)
+        if record is None or record.status != AssetCheckExecutionRecordStatus.SUCCEEDED:
+            status = "never ran" if record is None else record.status.value.lower()
+            failed.append(f"{key.asset_key.to_user_string()}:{key.name} ({status})")
+    return failed

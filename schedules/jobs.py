@@ -5,7 +5,9 @@ import dagster as dg
 # The main job: every lifecycle product built so far, from raw examples on.
 main_job = dg.define_asset_job(
     "main",
-    selection=dg.AssetSelection.groups("dataset", "prompts", "fine_tuning"),
+    selection=dg.AssetSelection.groups(
+        "dataset", "prompts", "fine_tuning", "evaluation", "governance"
+    ),
     description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
-    "base model, fine-tune.",
+    "base model, fine-tune, eval report, approved model.",
 )

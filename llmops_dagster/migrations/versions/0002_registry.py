@@ -19,7 +19,7 @@ def upgrade() -> None:
             champion_version    text,                  -- production model version at the time
             dataset_version     text        NOT NULL,
             prompt_set_version  text        NOT NULL,
-            metrics             jsonb       NOT NULL,  -- {model: {metric: value}} for candidate, champion, base
+            metrics             jsonb       NOT NULL,  -- {model: {metric: value}}: candidate, champion, base
             slices              jsonb       NOT NULL,  -- {model: {intent: {metric: value}}}
             comparison          jsonb       NOT NULL,  -- paired bootstrap: candidate - champion
             created_at          timestamptz NOT NULL DEFAULT now()
@@ -77,6 +77,11 @@ def upgrade() -> None:
     op.execute(
         "CREATE TRIGGER model_audit_log_append_only BEFORE UPDATE OR DELETE ON model_audit_log "
         "FOR EACH ROW EXECUTE FUNCTION model_audit_log_append_only()"
+    )
+    # TRUNCATE fires no row triggers, so it needs a statement-level one of its own.
+    op.execute(
+        "CREATE TRIGGER model_audit_log_no_truncate BEFORE TRUNCATE ON model_audit_log "
+        "FOR EACH STATEMENT EXECUTE FUNCTION model_audit_log_append_only()"
     )
 
 

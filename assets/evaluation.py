@@ -1,0 +1,63 @@
+"""Evaluation stage: the candidate fine-tune against the production champion and the base model."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets.training import finetuned_checkpoint
+from llmops_dagster import evaluation, registry
+from llmops_dagster.lineage import latest_metadata
+from resources.database import PostgresResource
+
+
+class EvalConfig(dg.Config):
+    max_examples: int = Field(default=120, description="Eval records scored (the split's first N).")
+    max_new_tokens: int = Field(default=48, description="Longest generated answer (tokens).")
+    bootstrap_samples: int = Field(default=1000, description="Resamples of the paired bootstrap.")
+    seed: int = Field(default=0, description="Seed of the bootstrap.")
+
+
+@dg.asset(group_name="evaluation", deps=[finetuned_checkpoint], kinds={"pytorch", "postgres"})
+def eval_report(
+    context: dg.AssetExecutionContext, config: EvalConfig, database: PostgresResource
+) -> dg.MaterializeResult:
+    """Candidate vs champion vs base on the held-out split: loss, EM, token F1, slices, latency."""
+    candidate = latest_metadata(context, finetuned_checkpoint)
+    run = json.loads(Path(candidate["train_config"]).read_text())
+    engine = database.engine()
+    champion = registry.production(engine)
+    models = {"candidate": candidate["merged_model_path"], "base": run["base_model"]}
+    if champion is not None and champion.version != candidate["version"]:
+        models["champion"] = champion.merged_model_path
+    report = evaluation.evaluate(
+        models, run["eval_file"], config.max_examples, config.max_new_tokens, run["seq_len"],
+        config.bootstrap_samples, config.seed,
+    )
+    champion_version = champion.version if "champion" in models else None
+    report_id = evaluation.store_report(
+        engine, report, candidate["version"], champion_version,
+        candidate["dataset_version"], candidate["prompt_set_version"],
+    )
+    metrics, slices = report.metrics(), report.slices()
+    comparison = report.comparison or {}
+    return dg.MaterializeResult(
+        metadata={
+            "report_id": report_id,
+            "candidate_version": candidate["version"],
+            "champion_version": champion_version or "none (first model)",
+            "examples": metrics["candidate"]["examples"],
+            "candidate_token_f1": metrics["candidate"]["token_f1"],
+            "candidate_exact_match": metrics["candidate"]["exact_match"],
+            "candidate_loss": metrics["candidate"]["loss"],
+            "token_f1_vs_champion": (
+                f"{comparison['mean_difference']:+.4f} "
+                f"(95% CI {comparison['ci_low']:+.4f} .. {comparison['ci_high']:+.4f})"
+                if comparison else "no champion"
+            ),
+            "metrics": dg.MetadataValue.md(evaluation.metrics_markdown(metrics)),
+            "token_f1_per_intent": dg.MetadataValue.md(evaluation.slices_markdown(slices)),
+            "plot": dg.MetadataValue.md(evaluation.slices_plot_markdown(slices)),
+        },
+    )

@@ -1,0 +1,92 @@
+"""Governance stage: the approval gate between an evaluated candidate and production."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+from pydantic import Field
+
+from assets.dataset import QUARANTINE_CHECK, validated_dataset
+from assets.evaluation import eval_report
+from assets.training import finetuned_checkpoint
+from llmops_dagster import evaluation, governance, registry
+from llmops_dagster.lineage import failed_checks, latest_metadata
+from resources.database import PostgresResource
+
+MODES = ("automatic", "human")
+# Blocking checks upstream of a model; every one must have passed for it to be approved.
+BLOCKING_CHECKS = [dg.AssetCheckKey(validated_dataset.key, QUARANTINE_CHECK)]
+
+
+class ApprovalConfig(dg.Config):
+    mode: str = Field(default="automatic", description="'automatic', or 'human': wait for "
+                      "`llmops models approve VERSION` and materialize again.")
+    min_token_f1: float = Field(default=0.5, description="Lowest accepted candidate token F1.")
+    min_exact_match: float = Field(default=0.0, description="Lowest accepted exact-match rate.")
+    max_loss: float = Field(default=3.0, description="Highest accepted eval loss (nats/token).")
+    margin: float = Field(default=0.01, description="The bootstrap 95% lower bound of candidate "
+                          "minus champion token F1 must exceed -margin.")
+
+    def policy(self) -> governance.Policy:
+        return governance.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
+                                 max_loss=self.max_loss, margin=self.margin)
+
+
+@dg.asset(group_name="governance", deps=[eval_report, finetuned_checkpoint], kinds={"postgres"})
+def approved_model(
+    context: dg.AssetExecutionContext, config: ApprovalConfig, database: PostgresResource
+) -> dg.MaterializeResult:
+    """The production model: a candidate that passed the policy (and a person, in human mode)."""
+    if config.mode not in MODES:
+        raise dg.Failure(f"approved_model.mode must be one of {MODES}, got {config.mode!r}")
+    engine = database.engine()
+    candidate = latest_metadata(context, finetuned_checkpoint)
+    report = evaluation.load_report(engine, latest_metadata(context, eval_report)["report_id"])
+    if report["candidate_version"] != candidate["version"]:
+        raise dg.Failure(f"the latest eval_report judged {report['candidate_version']}, not the latest "
+                         f"fine-tune {candidate['version']}: materialize eval_report first")
+    version = registry.register_candidate(
+        engine,
+        version=candidate["version"],
+        dataset_version=candidate["dataset_version"],
+        prompt_set_version=candidate["prompt_set_version"],
+        base_model_version=candidate["base_model_version"],
+        checkpoint_path=candidate["deepspeed_checkpoints"],
+        adapter_path=candidate["adapter_path"],
+        merged_model_path=candidate["merged_model_path"],
+        train_config=json.loads(Path(candidate["train_config"]).read_text()),
+        eval_report_id=report["id"],
+    )
+    decision = governance.judge(config.policy(), report["metrics"]["candidate"],
+                                report["comparison"] or None, failed_checks(context, BLOCKING_CHECKS))
+    if not decision.passed:
+        if version.stage == "candidate":
+            registry.reject(engine, version.version, actor="policy", reason=decision.message())
+        raise dg.Failure(
+            description=f"candidate {version.version} rejected: {decision.message()}",
+            metadata={"decision": dg.MetadataValue.md(pd.DataFrame(decision.checks).to_markdown())},
+        )
+    if config.mode == "human" and version.stage != "production":
+        raise dg.Failure(
+            description=f"candidate {version.version} passed the policy and awaits a person: run "
+            f"`llmops models approve {version.version}`, then materialize approved_model again",
+        )
+    if version.stage != "production":
+        version = registry.promote(engine, version.version, actor="policy",
+                                   reason=f"passed the policy (report {report['id']})")
+    versions = pd.DataFrame([{"version": v.version, "stage": v.stage, "approver": v.approver,
+                              "dataset": v.dataset_version, "updated": str(v.updated_at)[:19]}
+                             for v in registry.list_versions(engine)[:10]])
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version.version),
+        metadata={
+            "version": version.version,
+            "stage": version.stage,
+            "approver": version.approver or "-",
+            "eval_report_id": report["id"],
+            "decision": dg.MetadataValue.md(pd.DataFrame(decision.checks).to_markdown(index=False)),
+            "registry": dg.MetadataValue.md(versions.to_markdown(index=False)),
+            "merged_model_path": dg.MetadataValue.path(version.merged_model_path),
+        },
+    )

@@ -1,0 +1,58 @@
+"""The approval policy: which candidate may become the production model, and why not.
+
+Pure functions over an eval report's numbers, so the policy can be tested without models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Thresholds on the candidate and the margin it may lose to the champion by."""
+
+    min_token_f1: float = 0.5
+    min_exact_match: float = 0.0
+    max_loss: float = 3.0  # nats per answer token on the eval split
+    margin: float = 0.01  # candidate - champion token F1: the bootstrap 95% lower bound must exceed -margin
+
+
+@dataclass
+class Decision:
+    passed: bool
+    failures: list[str] = field(default_factory=list)  # each names the metric, threshold and gap
+    checks: list[dict] = field(default_factory=list)  # every rule, passed or not
+
+    def message(self) -> str:
+        return "; ".join(self.failures) if self.failures else "every rule of the policy passed"
+
+
+def judge(policy: Policy, candidate: dict, comparison: dict | None,
+          upstream_checks_failed: list[str] | None = None) -> Decision:
+    """Apply the policy to the candidate's metrics and, when there is a champion, the paired
+    bootstrap of candidate minus champion. A first model (no champion) is judged on thresholds."""
+    decision = Decision(passed=True)
+
+    def rule(name: str, value: float, threshold: float, at_least: bool) -> None:
+        ok = value >= threshold if at_least else value <= threshold
+        gap = abs(value - threshold)
+        decision.checks.append({"rule": name, "value": round(value, 4), "threshold": threshold,
+                                "passed": ok})
+        if not ok:
+            word = "below" if at_least else "above"
+            decision.failures.append(f"{name} {value:.4f} is {word} the threshold {threshold:.4f} "
+                                     f"(gap {gap:.4f})")
+
+    rule("token_f1", candidate["token_f1"], policy.min_token_f1, at_least=True)
+    rule("exact_match", candidate["exact_match"], policy.min_exact_match, at_least=True)
+    rule("loss", candidate["loss"], policy.max_loss, at_least=False)
+    if comparison:
+        rule(f"{comparison.get('metric', 'token_f1')} vs champion (bootstrap 95% lower bound)",
+             comparison["ci_low"], -policy.margin, at_least=True)
+    for check in upstream_checks_failed or []:
+        decision.failures.append(f"upstream blocking check failed: {check}")
+        decision.checks.append({"rule": f"upstream check {check}", "value": "failed",
+                                "threshold": "passed", "passed": False})
+    decision.passed = not decision.failures
+    return decision

@@ -1,0 +1,278 @@
+"""The model registry: fine-tuned versions, their stage, and the append-only audit log of every change.
+
+A version is registered as a `candidate`; `promote` makes it `production` and archives the version it
+replaces, `reject` withdraws a candidate, and `rollback` restores the version that was production
+before the current one. The database guarantees at most one production version (a partial unique
+index) and an audit log that can only grow (triggers). Every transition runs in one transaction that
+first takes a transaction-level advisory lock, so transitions from many processes apply one at a time,
+each on the state the previous one committed, and the audit log's order is the order they happened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+
+# Any fixed 64-bit key (distinct from the migrations' key): serializes registry transitions.
+REGISTRY_LOCK_KEY = 7_220_119_000_002
+
+_COLUMNS = (
+    "version, stage, dataset_version, prompt_set_version, base_model_version, checkpoint_path, "
+    "adapter_path, merged_model_path, train_config, eval_report_id, approver, reason, created_at, "
+    "updated_at"
+)
+
+
+class RegistryError(ValueError):
+    """A registry operation cannot be done; the message names the version and what is wrong."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    version: str
+    stage: str
+    dataset_version: str
+    prompt_set_version: str
+    base_model_version: str
+    checkpoint_path: str
+    adapter_path: str
+    merged_model_path: str
+    train_config: dict
+    eval_report_id: int | None
+    approver: str | None
+    reason: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+def _lock(connection: sa.Connection) -> None:
+    """Wait for every other transition to commit; released when this transaction ends."""
+    connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": REGISTRY_LOCK_KEY})
+
+
+def _find(connection: sa.Connection, version: str) -> ModelVersion | None:
+    row = connection.execute(
+        sa.text(f"SELECT {_COLUMNS} FROM model_versions WHERE version = :version"), {"version": version}
+    ).mappings().first()
+    return ModelVersion(**row) if row else None
+
+
+def _get(connection: sa.Connection, version: str) -> ModelVersion:
+    found = _find(connection, version)
+    if found is None:
+        raise RegistryError(f"model version {version!r} is not in the registry")
+    return found
+
+
+def _production(connection: sa.Connection) -> ModelVersion | None:
+    row = connection.execute(
+        sa.text(f"SELECT {_COLUMNS} FROM model_versions WHERE stage = 'production'")
+    ).mappings().first()
+    return ModelVersion(**row) if row else None
+
+
+def _audit(
+    connection: sa.Connection, version: str, from_stage: str | None, to_stage: str, actor: str, reason: str
+) -> None:
+    connection.execute(
+        sa.text(
+            "INSERT INTO model_audit_log (version, from_stage, to_stage, actor, reason) "
+            "VALUES (:version, :from_stage, :to_stage, :actor, :reason)"
+        ),
+        {"version": version, "from_stage": from_stage, "to_stage": to_stage, "actor": actor,
+         "reason": reason},
+    )
+
+
+def _move(
+    connection: sa.Connection,
+    version: ModelVersion,
+    to_stage: str,
+    *,
+    actor: str,
+    reason: str,
+    decided: bool,
+) -> None:
+    """Change one version's stage and log it. `decided`: this is the decision itself (not its side
+    effect), so the row records who made it and why."""
+    moved = connection.execute(
+        sa.text(
+            "UPDATE model_versions SET stage = :to_stage, updated_at = now(), "
+            "approver = CASE WHEN :decided THEN :actor ELSE approver END, "
+            "reason = CASE WHEN :decided THEN :reason ELSE reason END "
+            "WHERE version = :version AND stage = :from_stage"
+        ),
+        {"to_stage": to_stage, "decided": decided, "actor": actor, "reason": reason,
+         "version": version.version, "from_stage": version.stage},
+    ).rowcount
+    if moved != 1:
+        # Only a writer that bypasses the registry's lock can get here.
+        raise RegistryError(
+            f"model version {version.version!r} is no longer {version.stage!r}; it was changed "
+            "outside the registry"
+        )
+    _audit(connection, version.version, version.stage, to_stage, actor, reason)
+
+
+def register_candidate(
+    engine: sa.Engine,
+    *,
+    version: str,
+    dataset_version: str,
+    prompt_set_version: str,
+    base_model_version: str,
+    checkpoint_path: str,
+    adapter_path: str,
+    merged_model_path: str,
+    train_config: dict,
+    eval_report_id: int | None,
+    actor: str = "policy",
+) -> ModelVersion:
+    """Register `version` as a candidate; a version already registered is returned as it is, with
+    only its eval report updated when a new one is given."""
+    with engine.begin() as connection:
+        _lock(connection)
+        existing = _find(connection, version)
+        if existing is not None:
+            if eval_report_id is not None and eval_report_id != existing.eval_report_id:
+                connection.execute(
+                    sa.text("UPDATE model_versions SET eval_report_id = :eval_report_id, updated_at = now() "
+                            "WHERE version = :version"),
+                    {"eval_report_id": eval_report_id, "version": version},
+                )
+                return _get(connection, version)
+            return existing
+        connection.execute(
+            sa.text(
+                "INSERT INTO model_versions (version, stage, dataset_version, prompt_set_version, "
+                "base_model_version, checkpoint_path, adapter_path, merged_model_path, train_config, "
+                "eval_report_id) VALUES (:version, 'candidate', :dataset_version, :prompt_set_version, "
+                ":base_model_version, :checkpoint_path, :adapter_path, :merged_model_path, "
+                "CAST(:train_config AS jsonb), :eval_report_id)"
+            ),
+            {
+                "version": version,
+                "dataset_version": dataset_version,
+                "prompt_set_version": prompt_set_version,
+                "base_model_version": base_model_version,
+                "checkpoint_path": checkpoint_path,
+                "adapter_path": adapter_path,
+                "merged_model_path": merged_model_path,
+                "train_config": json.dumps(train_config),
+                "eval_report_id": eval_report_id,
+            },
+        )
+        _audit(connection, version, None, "candidate", actor, "registered")
+        return _get(connection, version)
+
+
+def get(engine: sa.Engine, version: str) -> ModelVersion:
+    with engine.connect() as connection:
+        return _get(connection, version)
+
+
+def production(engine: sa.Engine) -> ModelVersion | None:
+    with engine.connect() as connection:
+        return _production(connection)
+
+
+def list_versions(engine: sa.Engine) -> list[ModelVersion]:
+    """Every registered version, newest first."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(f"SELECT {_COLUMNS} FROM model_versions ORDER BY created_at DESC, version DESC")
+        ).mappings()
+        return [ModelVersion(**row) for row in rows]
+
+
+def promote(engine: sa.Engine, version: str, *, actor: str, reason: str) -> ModelVersion:
+    """Make `version` production and archive the version it replaces, in one transaction."""
+    with engine.begin() as connection:
+        _lock(connection)
+        target = _get(connection, version)
+        if target.stage == "production":
+            return target
+        if target.stage == "rejected":
+            raise RegistryError(
+                f"model version {version!r} was rejected; a rejected version cannot be promoted"
+            )
+        current = _production(connection)
+        if current is not None:
+            # First: the unique index allows no moment with two production rows.
+            _move(connection, current, "archived", actor=actor,
+                  reason=f"superseded by {version!r}: {reason}", decided=False)
+        _move(connection, target, "production", actor=actor, reason=reason, decided=True)
+        return _get(connection, version)
+
+
+def reject(engine: sa.Engine, version: str, *, actor: str, reason: str) -> ModelVersion:
+    """Withdraw a candidate for good; rejecting a rejected version changes nothing."""
+    with engine.begin() as connection:
+        _lock(connection)
+        target = _get(connection, version)
+        if target.stage == "rejected":
+            return target
+        if target.stage == "production":
+            raise RegistryError(
+                f"model version {version!r} is in production and cannot be rejected; roll back instead"
+            )
+        if target.stage != "candidate":
+            raise RegistryError(
+                f"model version {version!r} is {target.stage}; only a candidate can be rejected"
+            )
+        _move(connection, target, "rejected", actor=actor, reason=reason, decided=True)
+        return _get(connection, version)
+
+
+def _previous_production(connection: sa.Connection, current: str) -> str | None:
+    """The version that was production right before `current`: the last one archived from production,
+    other than `current` itself."""
+    return connection.execute(
+        sa.text(
+            "SELECT version FROM model_audit_log WHERE from_stage = 'production' AND to_stage = 'archived' "
+            "AND version <> :current ORDER BY id DESC LIMIT 1"
+        ),
+        {"current": current},
+    ).scalar()
+
+
+def rollback(engine: sa.Engine, *, actor: str, reason: str) -> ModelVersion:
+    """Archive the production version and restore the one that was production before it."""
+    with engine.begin() as connection:
+        _lock(connection)
+        current = _production(connection)
+        if current is None:
+            raise RegistryError("no model version is in production; there is nothing to roll back")
+        previous_version = _previous_production(connection, current.version)
+        if previous_version is None:
+            raise RegistryError(
+                f"model version {current.version!r} is the first production version; "
+                "there is no previous version to roll back to"
+            )
+        previous = _get(connection, previous_version)
+        if previous.stage != "archived":
+            raise RegistryError(
+                f"cannot roll back to model version {previous_version!r}: "
+                f"it is {previous.stage}, not archived"
+            )
+        _move(connection, current, "archived", actor=actor,
+              reason=f"rolled back to {previous_version!r}: {reason}", decided=False)
+        _move(connection, previous, "production", actor=actor,
+              reason=f"rollback from {current.version!r}: {reason}", decided=True)
+        return _get(connection, previous_version)
+
+
+def audit_log(engine: sa.Engine, version: str | None = None) -> list[dict]:
+    """The audit log, oldest first; only `version`'s entries when one is given."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT id, version, from_stage, to_stage, actor, reason, at FROM model_audit_log "
+                "WHERE CAST(:version AS text) IS NULL OR version = :version ORDER BY id"
+            ),
+            {"version": version},
+        ).mappings()
+        return [dict(row) for row in rows]

@@ -1,0 +1,109 @@
+"""Evaluation and governance end to end on real models, DeepSpeed ranks and PostgreSQL: a first
+model judged on thresholds alone, a seeded regression (answers shuffled) blocked every time, and a
+candidate in human mode that waits for a person."""
+
+import json
+import random
+
+import dagster as dg
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from assets.dataset import raw_examples, validated_dataset
+from assets.evaluation import eval_report
+from assets.governance import approved_model
+from assets.prompts import prompt_set
+from assets.training import base_model, finetuned_checkpoint
+from llmops_dagster import registry
+from llmops_dagster.synthetic_data import generate_examples
+from llmops_dagster.validation import as_text, assign_split, normalize_text
+from resources.trainer import TrainerResource
+
+PATH = [raw_examples, validated_dataset, prompt_set, base_model, finetuned_checkpoint, eval_report,
+        approved_model]
+FINETUNE = {"max_steps": 150, "checkpoint_every": 150}
+
+
+@pytest.fixture
+def run_path(resources, instance, tmp_path):
+    all_resources = {**resources, "trainer": TrainerResource()}
+
+    def run(source: str, seed: int = 0, mode: str = "automatic", selection=None, margin: float = 0.01):
+        ops = {
+            "raw_examples": {"config": {"source": source, "synthetic_rows": 2400}},
+            "finetuned_checkpoint": {"config": {**FINETUNE, "seed": seed}},
+            "eval_report": {"config": {"max_examples": 30}},
+            "approved_model": {"config": {"mode": mode, "min_token_f1": 0.6, "margin": margin}},
+        }
+        if selection:
+            ops = {name: ops[name] for name in ops if name in {a.key.path[-1] for a in selection}}
+        return dg.materialize(PATH, selection=selection, resources=all_resources, instance=instance,
+                              raise_on_error=False, run_config={"ops": ops})
+    return run
+
+
+def shuffled_answers_file(path) -> str:
+    """The synthetic set with every training answer moved to another training question (seeded).
+    Eval rows are untouched, so candidate and champion are judged on the same trusted split."""
+    rows = generate_examples(n_rows=2400)
+    split = assign_split(normalize_text(as_text(pd.Series([r["prompt"] for r in rows]))), 0.1)
+    train = [i for i, s in enumerate(split) if s == "train"]
+    answers = [rows[i]["response"] for i in train]
+    random.Random(13).shuffle(answers)
+    for i, answer in zip(train, answers, strict=True):
+        rows[i] = {**rows[i], "response": answer}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def failure(result) -> str:
+    [event] = [e for e in result.all_events if e.is_step_failure]
+    return event.event_specific_data.error.message
+
+
+def report(result) -> dict:
+    [event] = result.asset_materializations_for_node("eval_report")
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+def test_first_model_then_a_regression_is_blocked_then_a_person_approves(run_path, resources,
+                                                                          tmp_path):
+    engine = resources["database"].engine()
+    with engine.begin() as connection:  # the session's database may hold models of other tests
+        connection.execute(sa.text("UPDATE model_versions SET stage = 'archived' "
+                                   "WHERE stage = 'production'"))
+
+    first = run_path("synthetic")
+    assert first.success, failure(first)
+    first_report = report(first)
+    assert first_report["champion_version"] == "none (first model)"
+    assert first_report["candidate_token_f1"] >= 0.6
+    champion = registry.production(engine)
+    assert champion.version == first_report["candidate_version"] and champion.approver == "policy"
+
+    shuffled = shuffled_answers_file(tmp_path / "shuffled.jsonl")
+    for _ in range(2):  # blocked every time, and production stays the champion
+        regression = run_path(shuffled)
+        assert not regression.success
+        message = failure(regression)
+        assert "rejected: token_f1 0." in message and "is below the threshold 0.6000 (gap" in message
+        assert "vs champion (bootstrap 95% lower bound)" in message
+        assert not regression.asset_materializations_for_node("approved_model")
+        assert registry.production(engine).version == champion.version
+    rejected = report(regression)["candidate_version"]
+    assert registry.get(engine, rejected).stage == "rejected"
+
+    # Another seed: about as good as the champion, so a reviewer accepts a margin of 0.2.
+    waiting = run_path("synthetic", seed=1, mode="human", margin=0.2)
+    assert "awaits a person: run `llmops models approve" in failure(waiting)
+    candidate = report(waiting)["candidate_version"]
+    assert registry.get(engine, candidate).stage == "candidate"
+    registry.promote(engine, candidate, actor="alice", reason="reviewed the eval report")
+    approved = run_path("synthetic", mode="human", selection=[approved_model], margin=0.2)
+    assert approved.success, failure(approved)
+    assert registry.production(engine).approver == "alice"
+    transitions = [(e["version"], e["to_stage"]) for e in registry.audit_log(engine)]
+    assert (champion.version, "production") in transitions and (rejected, "rejected") in transitions
+    assert transitions[-2:] == [(candidate, "production"), (champion.version, "archived")] or \
+        transitions[-2:] == [(champion.version, "archived"), (candidate, "production")]
