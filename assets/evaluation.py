@@ -36,6 +36,12 @@ def eval_report(
         config.bootstrap_samples, config.seed,
     )
     champion_version = champion.version if "champion" in models else None
+    if champion is None:
+        champion_label = "none (first model)"
+    elif champion_version is None:
+        champion_label = f"{champion.version} (the candidate itself, already in production)"
+    else:
+        champion_label = champion_version
     report_id = evaluation.store_report(
         engine, report, candidate["version"], champion_version,
         candidate["dataset_version"], candidate["prompt_set_version"],
@@ -46,7 +52,7 @@ def eval_report(
         metadata={
             "report_id": report_id,
             "candidate_version": candidate["version"],
-            "champion_version": champion_version or "none (first model)",
+            "champion_version": champion_label,
             "examples": metrics["candidate"]["examples"],
             "candidate_token_f1": metrics["candidate"]["token_f1"],
             "candidate_exact_match": metrics["candidate"]["exact_match"],

@@ -27,6 +27,9 @@ class ApprovalConfig(dg.Config):
     max_loss: float = Field(default=3.0, description="Highest accepted eval loss (nats/token).")
     margin: float = Field(default=0.01, description="The bootstrap 95% lower bound of candidate "
                           "minus champion token F1 must exceed -margin.")
+    approve_version: str = Field(default="", description="Human mode, from the launchpad: the "
+                                 "candidate version a person approves (as `llmops models approve`).")
+    approver: str = Field(default="", description="Who approves approve_version (required with it).")
 
     def policy(self) -> governance.Policy:
         return governance.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
@@ -67,10 +70,19 @@ def approved_model(
             description=f"candidate {version.version} rejected: {decision.message()}",
             metadata={"decision": dg.MetadataValue.md(pd.DataFrame(decision.checks).to_markdown())},
         )
+    if config.mode == "human" and config.approve_version and version.stage != "production":
+        if config.approve_version != version.version:
+            raise dg.Failure(f"approved_model.approve_version {config.approve_version!r} is not the "
+                             f"candidate under review ({version.version})")
+        if not config.approver.strip():
+            raise dg.Failure("approved_model.approver must name the person who approves")
+        version = registry.promote(engine, version.version, actor=config.approver.strip(),
+                                   reason=f"approved in the launchpad (report {report['id']})")
     if config.mode == "human" and version.stage != "production":
         raise dg.Failure(
             description=f"candidate {version.version} passed the policy and awaits a person: run "
-            f"`llmops models approve {version.version}`, then materialize approved_model again",
+            f"`llmops models approve {version.version}` (or set approve_version and approver in the "
+            f"launchpad), then materialize approved_model again",
         )
     if version.stage != "production":
         version = registry.promote(engine, version.version, actor="policy",
