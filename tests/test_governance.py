@@ -29,12 +29,14 @@ FINETUNE = {"max_steps": 150, "checkpoint_every": 150}
 def run_path(resources, instance, tmp_path):
     all_resources = {**resources, "trainer": TrainerResource()}
 
-    def run(source: str, seed: int = 0, mode: str = "automatic", selection=None, margin: float = 0.01):
+    def run(source: str, seed: int = 0, mode: str = "automatic", selection=None, margin: float = 0.01,
+            **approval):
         ops = {
             "raw_examples": {"config": {"source": source, "synthetic_rows": 2400}},
             "finetuned_checkpoint": {"config": {**FINETUNE, "seed": seed}},
             "eval_report": {"config": {"max_examples": 30}},
-            "approved_model": {"config": {"mode": mode, "min_token_f1": 0.6, "margin": margin}},
+            "approved_model": {"config": {"mode": mode, "min_token_f1": 0.6, "margin": margin,
+                                          **approval}},
         }
         if selection:
             ops = {name: ops[name] for name in ops if name in {a.key.path[-1] for a in selection}}
@@ -99,8 +101,9 @@ def test_first_model_then_a_regression_is_blocked_then_a_person_approves(run_pat
     assert "awaits a person: run `llmops models approve" in failure(waiting)
     candidate = report(waiting)["candidate_version"]
     assert registry.get(engine, candidate).stage == "candidate"
-    registry.promote(engine, candidate, actor="alice", reason="reviewed the eval report")
-    approved = run_path("synthetic", mode="human", selection=[approved_model], margin=0.2)
+    # The person approves in the launchpad (the CLI's `llmops models approve` is in test_registry).
+    approved = run_path("synthetic", mode="human", selection=[approved_model], margin=0.2,
+                        approve_version=candidate, approver="alice")
     assert approved.success, failure(approved)
     assert registry.production(engine).approver == "alice"
     transitions = [(e["version"], e["to_stage"]) for e in registry.audit_log(engine)]
