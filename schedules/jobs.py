@@ -6,8 +6,8 @@ import dagster as dg
 main_job = dg.define_asset_job(
     "main",
     selection=dg.AssetSelection.groups(
-        "dataset", "prompts", "fine_tuning", "evaluation", "governance"
+        "dataset", "prompts", "fine_tuning", "evaluation", "governance", "serving"
     ),
     description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
-    "base model, fine-tune, eval report, approved model.",
+    "base model, fine-tune, eval report, approved model, serving deployment.",
 )

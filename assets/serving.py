@@ -1,0 +1,71 @@
+"""Serving stage: the production model behind HTTP on Ray Serve."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field
+
+from assets.governance import approved_model
+from llmops_dagster import registry
+from llmops_dagster.serving.app import ServingConfig
+from resources.database import PostgresResource
+from resources.serving import RayServeResource
+
+
+class ServingDeploymentConfig(dg.Config):
+    max_batch_size: int = Field(default=8, description="Requests per @serve.batch call.")
+    batch_wait_timeout_s: float = Field(default=0.01, description="Longest wait to fill a batch (s).")
+
+
+def serving_config(engine, version: registry.ModelVersion, database_url: str,
+                   config: ServingDeploymentConfig) -> ServingConfig:
+    """What a replica needs for `version`: its merged model and the prompt template it learned."""
+    with engine.connect() as connection:
+        prompt_set = connection.execute(
+            sa.text("SELECT path, template_name FROM prompt_set_versions WHERE version = :v"),
+            {"v": version.prompt_set_version}).one()
+    template = (Path(prompt_set.path) / f"{prompt_set.template_name}.jinja").read_text()
+    return ServingConfig(
+        model_version=version.version,
+        model_path=version.merged_model_path,
+        prompt_template=template,
+        database_url=database_url,
+        lineage={"dataset_version": version.dataset_version,
+                 "prompt_set_version": version.prompt_set_version,
+                 "base_model_version": version.base_model_version},
+        max_batch_size=config.max_batch_size,
+        batch_wait_timeout_s=config.batch_wait_timeout_s,
+        seq_len=version.train_config.get("seq_len", 96),
+    )
+
+
+@dg.asset(group_name="serving", deps=[approved_model], kinds={"ray", "fastapi"})
+def serving_deployment(
+    context: dg.AssetExecutionContext, config: ServingDeploymentConfig,
+    database: PostgresResource, ray_serve: RayServeResource,
+) -> dg.MaterializeResult:
+    """The production model served over HTTP (Ray Serve, batched) with request and feedback logs."""
+    engine = database.engine()
+    version = registry.production(engine)
+    if version is None:
+        raise dg.Failure("no model version is in production: materialize approved_model first")
+    url = ray_serve.deploy(serving_config(engine, version, database.url(), config))
+    context.log.info(f"model {version.version} is served at {url}")
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version.version),
+        metadata={
+            "url": dg.MetadataValue.url(url),
+            "model_version": version.version,
+            "replicas": ray_serve.replicas,
+            "max_batch_size": config.max_batch_size,
+            "endpoints": dg.MetadataValue.md(
+                "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
+                "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |"),
+            "lineage": dg.MetadataValue.json(json.loads(json.dumps({
+                "dataset_version": version.dataset_version,
+                "prompt_set_version": version.prompt_set_version,
+                "base_model_version": version.base_model_version}))),
+        },
+    )

@@ -1,0 +1,226 @@
+"""The served model: a Ray Serve deployment with a FastAPI ingress, and its typed builder.
+
+    POST /v1/generate  {prompt, max_new_tokens?}            -> {response_id, text, model_version, latency_ms}
+    POST /v1/feedback  {response_id, rating, correction?, comment?, client_id?}
+    GET  /v1/models, GET /healthz, GET / (a page to ask, read the answer and rate it)
+
+Requests are batched with `@serve.batch` and answered by greedy decoding. Every answer goes to
+`request_log` with the model version, every rating to `feedback`; all SQL is parameterized. Inputs
+are validated by strict pydantic models: a bad type, size or character gets a 4xx that names the
+field, never a 5xx. The deployment class is plain Python, so it builds and tests without a cluster.
+"""
+
+
+import asyncio
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Annotated
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from ray import serve
+
+from llmops_dagster.serving.page import PAGE_HTML
+
+MAX_PROMPT_CHARS = 2000
+MAX_TEXT_CHARS = 4000
+MAX_NEW_TOKENS = 128
+
+
+def _storable(value: str | None, field: str) -> str | None:
+    """PostgreSQL text holds any Unicode but NUL, and only valid code points (no lone surrogates)."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{field} is not valid Unicode (lone surrogate at {error.start})") from error
+    return value
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 48
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_storable(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must contain more than whitespace")
+        return _storable(value, "prompt")
+
+
+class GenerateResponse(BaseModel):
+    response_id: str
+    text: str
+    model_version: str
+    latency_ms: float
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    response_id: uuid.UUID | Annotated[str, Field(max_length=64)]
+    rating: Annotated[int, Field(description="1 (good) or -1 (bad)")]
+    correction: Annotated[str | None, Field(max_length=MAX_TEXT_CHARS)] = None
+    comment: Annotated[str | None, Field(max_length=MAX_TEXT_CHARS)] = None
+    client_id: Annotated[str, Field(min_length=1, max_length=128)] = "anonymous"
+
+    @field_validator("rating")
+    @classmethod
+    def _rating(cls, value: int) -> int:
+        if value not in (-1, 1):
+            raise ValueError("rating must be 1 (good) or -1 (bad)")
+        return value
+
+    @field_validator("correction", "comment", "client_id")
+    @classmethod
+    def _text_storable(cls, value: str | None, info) -> str | None:
+        return _storable(value, info.field_name)
+
+    @field_validator("response_id")
+    @classmethod
+    def _uuid(cls, value) -> uuid.UUID:
+        try:
+            return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+        except ValueError as error:
+            raise ValueError("response_id must be a response_id returned by /v1/generate") from error
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything a replica needs; built by the serving_deployment asset from the registry."""
+
+    model_version: str
+    model_path: str  # merged Hugging Face folder
+    prompt_template: str  # Jinja text the model was trained with; variable: prompt
+    database_url: str
+    lineage: dict  # dataset / prompt-set / base-model versions
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    seq_len: int = 96  # prompt tokens kept (the end of the rendered prompt)
+
+
+api = FastAPI(title="llmops-dagster", description="The approved model, served.")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
+class ModelServer:
+    """One replica: the tokenizer and model, a DB engine, and the batched generate."""
+
+    def __init__(self, config: dict):
+        import jinja2
+        import sqlalchemy as sa
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(1)
+        self.config = ServingConfig(**config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_path)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(self.config.model_path).eval()
+        self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
+            self.config.prompt_template)
+        self.engine = sa.create_engine(self.config.database_url, pool_size=4, pool_pre_ping=True)
+        self.generate_batch.set_max_batch_size(self.config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+    def _answer(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
+        """Greedy answers for a batch (left-padded), each cut at its own token budget."""
+        import torch
+
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        keep = self.config.seq_len - 1
+        ids = [(bos + self.tokenizer(self.template.render(prompt=p), add_special_tokens=False)
+                ["input_ids"])[-keep:] for p in prompts]
+        width = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+        attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        with torch.inference_mode():
+            output = self.model.generate(
+                input_ids, attention_mask=attention, max_new_tokens=max(max_new_tokens),
+                do_sample=False, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
+        return [self.tokenizer.decode(row[width: width + budget], skip_special_tokens=True).strip()
+                for row, budget in zip(output, max_new_tokens, strict=True)]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, requests: list[GenerateRequest]) -> list[str]:
+        return await asyncio.to_thread(
+            self._answer, [r.prompt for r in requests], [r.max_new_tokens for r in requests])
+
+    def _log(self, response_id: uuid.UUID, request: GenerateRequest, text: str, latency_ms: float):
+        import sqlalchemy as sa
+
+        with self.engine.begin() as connection:
+            connection.execute(
+                sa.text("INSERT INTO request_log (response_id, model_version, prompt, response, "
+                        "max_new_tokens, latency_ms) VALUES (:id, :version, :prompt, :response, "
+                        ":max_new_tokens, :latency)"),
+                {"id": str(response_id), "version": self.config.model_version, "prompt": request.prompt,
+                 "response": text, "max_new_tokens": request.max_new_tokens, "latency": latency_ms})
+
+    @api.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        started = time.perf_counter()
+        text = await self.generate_batch(request)
+        latency_ms = (time.perf_counter() - started) * 1000
+        response_id = uuid.uuid4()
+        await asyncio.to_thread(self._log, response_id, request, text, latency_ms)
+        return GenerateResponse(response_id=str(response_id), text=text,
+                                model_version=self.config.model_version, latency_ms=latency_ms)
+
+    def _store_feedback(self, feedback: FeedbackRequest) -> dict:
+        import sqlalchemy as sa
+
+        with self.engine.begin() as connection:
+            known = connection.execute(
+                sa.text("SELECT 1 FROM request_log WHERE response_id = :id"),
+                {"id": str(feedback.response_id)}).scalar()
+            if not known:
+                return {}
+            row = connection.execute(
+                sa.text("INSERT INTO feedback (response_id, client_id, rating, correction, comment) "
+                        "VALUES (:id, :client, :rating, :correction, :comment) "
+                        "ON CONFLICT (response_id, client_id) DO NOTHING RETURNING id"),
+                {"id": str(feedback.response_id), "client": feedback.client_id,
+                 "rating": feedback.rating, "correction": feedback.correction,
+                 "comment": feedback.comment}).scalar()
+            if row is not None:
+                return {"feedback_id": row, "status": "recorded"}
+            existing = connection.execute(
+                sa.text("SELECT id FROM feedback WHERE response_id = :id AND client_id = :client"),
+                {"id": str(feedback.response_id), "client": feedback.client_id}).scalar_one()
+            return {"feedback_id": existing, "status": "already recorded"}
+
+    @api.post("/v1/feedback")
+    async def feedback(self, feedback: FeedbackRequest) -> dict:
+        stored = await asyncio.to_thread(self._store_feedback, feedback)
+        if not stored:
+            raise HTTPException(status_code=404,
+                                detail=f"response_id {feedback.response_id} was never served")
+        return stored
+
+    @api.get("/v1/models")
+    def models(self) -> dict:
+        return {"model_version": self.config.model_version, **self.config.lineage}
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "model_version": self.config.model_version}
+
+    @api.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        return PAGE_HTML
+
+
+def build_app(config: ServingConfig, replicas: int = 1) -> serve.Application:
+    """The Serve application for `config` (not yet running)."""
+    return ModelServer.options(num_replicas=replicas).bind(asdict(config))

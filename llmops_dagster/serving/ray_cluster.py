@@ -1,0 +1,68 @@
+"""The Ray cluster Serve runs on: an existing one (RAY_ADDRESS), or a local head on 127.0.0.1.
+
+The local head is started once with `ray start` (so it outlives the process that deploys) with
+token authentication on, its token in ~/.ray/auth_token, and stopped by `llmops serve stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LOCAL_PORT = 6390  # GCS port of the local head
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+
+
+def _ray(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "ray"), *args]
+    return subprocess.run(command, env={**os.environ, **AUTH_ENV, **(env or {})}, check=check,
+                          capture_output=True, text=True)
+
+
+def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> str:
+    """Start the local head when none answers on `port`; return its address."""
+    address = f"127.0.0.1:{port}"
+    os.environ.update(AUTH_ENV)
+    if not (Path.home() / ".ray" / "auth_token").exists():
+        _ray("get-auth-token", "--generate")
+    status = _ray("status", f"--address={address}", check=False)
+    if status.returncode != 0:
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        result = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                      f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+                      f"--temp-dir={temp_dir}", check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"could not start the local Ray head: {result.stderr[-2000:]}")
+    return address
+
+
+def connect(address: str) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.update(AUTH_ENV)
+        ray.init(address=address, namespace="llmops", logging_level="ERROR",
+                 log_to_driver=False)
+
+
+def stop_local_head(temp_dir: Path) -> int:
+    """Stop the local head started in `temp_dir` (its processes name that folder); other Ray
+    clusters on the machine are left alone. Returns how many processes were stopped."""
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(temp_dir) in " ".join(process.info["cmdline"] or []):
+                mine.append(process)
+    for process in mine:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=10)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return len(mine)

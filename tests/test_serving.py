@@ -1,0 +1,51 @@
+"""The served model on a real Ray Serve over HTTP, with its logs in the real PostgreSQL."""
+
+import json
+import urllib.error
+import urllib.request
+
+import sqlalchemy as sa
+
+
+def post(url: str, body: bytes | dict, timeout: float = 30) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_generate_and_feedback_round_trip(served_model):
+    url, engine = served_model["url"], served_model["engine"]
+    status, answer = post(f"{url}/v1/generate", {"prompt": "Where is my order A12345?"})
+    assert status == 200 and answer["text"] and answer["model_version"] == served_model["version"]
+    status, stored = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
+                                                 "correction": "Order A12345 ships today.",
+                                                 "client_id": "tester"})
+    assert status == 200 and stored["status"] == "recorded"
+    status, again = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
+                                                "client_id": "tester"})
+    assert status == 200 and again == {"feedback_id": stored["feedback_id"], "status": "already recorded"}
+    with engine.connect() as connection:
+        logged = connection.execute(sa.text(
+            "SELECT r.prompt, r.response, r.model_version, f.rating, f.correction FROM request_log r "
+            "JOIN feedback f USING (response_id) WHERE r.response_id = :id"),
+            {"id": answer["response_id"]}).one()
+    assert logged.prompt == "Where is my order A12345?" and logged.response == answer["text"]
+    assert (logged.model_version, logged.rating, logged.correction) == (
+        served_model["version"], -1, "Order A12345 ships today.")
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
+        assert json.loads(response.read())["model_version"] == served_model["version"]
+
+
+def test_bad_input_gets_a_4xx_naming_the_field(served_model):
+    url = served_model["url"]
+    status, body = post(f"{url}/v1/generate", {"prompt": 5})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "prompt"]
+    status, body = post(f"{url}/v1/generate", {"prompt": "x", "max_new_tokens": 100000})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "max_new_tokens"]
+    status, body = post(f"{url}/v1/feedback", {"response_id": "00000000-0000-0000-0000-000000000000",
+                                               "rating": 1})
+    assert status == 404 and "was never served" in body["detail"]
