@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(LLMOPS_HOME)/dagster_home
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test bench ui lint db-stop clean
+.PHONY: run test browser bench ui lint db-stop clean
 
 # One pip command resolves the whole pinned stack (torch==2.13.0 is the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -21,9 +21,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/llmops run
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The page test drives Debian's Chromium (Playwright's own browser download does not work here).
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_validation.py

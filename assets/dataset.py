@@ -4,7 +4,8 @@
 import dagster as dg
 from pydantic import Field
 
-from llmops_dagster import dataset_store, embeddings
+from assets.feedback import feedback_table
+from llmops_dagster import dataset_store, embeddings, feedback
 from llmops_dagster.eda import profile_examples
 from llmops_dagster.lineage import latest_metadata
 from llmops_dagster.raw_data import SYNTHETIC, load_snapshot, snapshot_source
@@ -72,7 +73,7 @@ class ValidatedDatasetConfig(dg.Config):
 
 @dg.asset(
     group_name="dataset",
-    deps=[raw_examples],
+    deps=[raw_examples, feedback_table],
     kinds={"great_expectations", "postgres"},
     check_specs=[
         dg.AssetCheckSpec(
@@ -92,14 +93,16 @@ def validated_dataset(
 ) -> dg.MaterializeResult:
     """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
     raw = latest_metadata(context, raw_examples)
-    report = validate_examples(load_snapshot(raw["snapshot_path"]), config.rules())
+    engine = database.engine()
+    snapshot = load_snapshot(raw["snapshot_path"])
+    frame = dataset_store.with_feedback_examples(snapshot, feedback.correction_examples(engine))
+    report = validate_examples(frame, config.rules())
     version = data_version(report.accepted)
     folder = artifacts.write_version(
         "datasets", version, lambda d: dataset_store.write_accepted(d, report.accepted)
     )
-    engine = database.engine()
     in_quarantine = dataset_store.save_quarantine(
-        engine, report, raw["input_hash"], raw["source"], context.run_id
+        engine, report, raw["input_hash"], raw["source"], context.run_id, raw_rows=len(snapshot)
     )
     dataset_store.record_dataset_version(
         engine, version, raw["input_hash"], raw["source"], folder, report
@@ -122,6 +125,7 @@ def validated_dataset(
             "path": dg.MetadataValue.path(str(folder)),
             "input_hash": raw["input_hash"],
             "rows_input": report.rows_input,
+            "rows_from_feedback": len(frame) - len(snapshot),
             "rows_accepted": report.rows_accepted,
             "rows_quarantined": report.rows_quarantined,
             "rows_in_quarantine_table": in_quarantine,

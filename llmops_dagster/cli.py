@@ -4,6 +4,7 @@
     llmops env                   print the environment `dagster dev` needs (for `eval`)
     llmops db start|stop|url     the embedded server (start is implied by every other command)
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
+    llmops trace RESPONSE_ID     a served answer back to its model, prompt set, dataset and rows
     llmops models list           registered model versions, newest first
     llmops models show VERSION   one version's fields and its audit log
     llmops models approve VERSION [--by NAME] [--reason TEXT]   promote it to production
@@ -195,6 +196,34 @@ def _add_models_parser(commands) -> None:
     rollback.set_defaults(action=_models_rollback)
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    from llmops_dagster.trace import TraceError, trace
+
+    try:
+        chain = trace(_database().engine(), args.response_id, sample_rows=args.rows)
+    except TraceError as error:
+        print(f"trace: {error}", file=sys.stderr)
+        return 2
+    response, model = chain["response"], chain["model_version"]
+    prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
+    print(f"response      {response['response_id']} at {response['created_at']:%Y-%m-%d %H:%M:%S}")
+    print(f"  prompt      {response['prompt'][:100]!r}")
+    print(f"  answer      {response['response'][:100]!r}")
+    print(f"model version {model['version']} ({model['stage']}, approved by {model['approver']}, "
+          f"eval report {model['eval_report_id']})")
+    print(f"  checkpoint  {model['checkpoint_path']}")
+    print(f"  adapter     {model['adapter_path']}")
+    print(f"prompt set    {prompts['version']} (template {prompts['template_name']} "
+          f"sha {prompts['template_sha']}; {prompts['train_rows']} train / {prompts['eval_rows']} eval)")
+    print(f"dataset       {dataset['version']} from {dataset['source']} (input {dataset['input_hash']}: "
+          f"{dataset['rows_input']} in = {dataset['rows_accepted']} accepted + "
+          f"{dataset['rows_quarantined']} quarantined)")
+    print(f"source rows   {rows['count']} training rows ({rows['from_feedback']} from feedback); first:")
+    for row in rows["sample"]:
+        print(f"  row {row['row']:>6}  {row['prompt'][:60]!r} -> {row['response'][:50]!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     quarantine.add_argument("-n", type=int, default=20)
     quarantine.set_defaults(handler=cmd_quarantine)
     _add_models_parser(commands)
+    trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
+    trace.add_argument("response_id")
+    trace.add_argument("--rows", type=int, default=5, help="source rows to show")
+    trace.set_defaults(handler=cmd_trace)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -15,23 +15,45 @@ from llmops_dagster.validation import ValidationReport
 ACCEPTED_FILE = "accepted.parquet"
 
 
+FEEDBACK_SOURCE = "feedback"  # quarantine key of feedback examples: (feedback, feedback_id)
+
+
+def with_feedback_examples(raw: pd.DataFrame, corrections: pd.DataFrame) -> pd.DataFrame:
+    """The raw rows followed by people's corrections as examples (prompt, corrected response,
+    intent), numbered after the raw rows and carrying their feedback_id for lineage."""
+    if corrections.empty:
+        return raw
+    extra = pd.DataFrame({
+        "prompt": corrections["prompt"].to_numpy(),
+        "response": corrections["response"].to_numpy(),
+        "intent": corrections["intent"].to_numpy(),
+        "feedback_id": corrections["feedback_id"].astype("Int64").to_numpy(),
+        "_row_number": range(len(raw) + 1, len(raw) + len(corrections) + 1),
+        "_parse_error": None,
+        "_utf8_error": None,
+    })
+    return pd.concat([raw, extra], ignore_index=True)
+
+
 def save_quarantine(engine: sa.Engine, report: ValidationReport, input_hash: str, source: str,
-                    run_id: str | None) -> int:
+                    run_id: str | None, raw_rows: int | None = None) -> int:
     """Insert every quarantined row with all its reasons; the same input twice adds nothing.
+    Rows after the first `raw_rows` are feedback examples, keyed by their feedback id.
 
     Returns the number of rows this input has in quarantine afterwards.
     """
-    rows = [
-        {
-            "input_hash": input_hash,
-            "source": source,
-            "row_number": int(r.row_number),
+    rows = []
+    for r in report.quarantined.itertuples(index=False):
+        from_feedback = raw_rows is not None and r.row_number > raw_rows
+        original = json.loads(r.original_row)
+        rows.append({
+            "input_hash": FEEDBACK_SOURCE if from_feedback else input_hash,
+            "source": FEEDBACK_SOURCE if from_feedback else source,
+            "row_number": int(original["feedback_id"]) if from_feedback else int(r.row_number),
             "reasons": json.dumps(list(r.reasons)),
             "original_row": r.original_row,
             "run_id": run_id,
-        }
-        for r in report.quarantined.itertuples(index=False)
-    ]
+        })
     with engine.begin() as connection:
         if rows:
             connection.execute(

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import dataset, evaluation, governance, prompts, serving, training
+from assets import dataset, evaluation, feedback, governance, prompts, serving, training
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -11,7 +11,9 @@ from resources.trainer import TrainerResource
 from schedules.jobs import main_job
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([dataset, prompts, training, evaluation, governance, serving]),
+    assets=dg.load_assets_from_modules(
+        [dataset, prompts, training, evaluation, governance, serving, feedback]
+    ),
     jobs=[main_job],
     resources={
         "database": PostgresResource(),

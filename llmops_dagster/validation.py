@@ -262,7 +262,7 @@ def _original_row(row: dict, source_columns: list[str]) -> str:
 
 
 def _is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
 
 
 def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None) -> ValidationReport:

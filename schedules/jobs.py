@@ -6,7 +6,7 @@ import dagster as dg
 main_job = dg.define_asset_job(
     "main",
     selection=dg.AssetSelection.groups(
-        "dataset", "prompts", "fine_tuning", "evaluation", "governance", "serving"
+        "feedback", "dataset", "prompts", "fine_tuning", "evaluation", "governance", "serving"
     ),
     description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
     "base model, fine-tune, eval report, approved model, serving deployment.",

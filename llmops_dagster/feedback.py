@@ -1,0 +1,70 @@
+"""Curating production feedback into training material, and reading it back as examples."""
+
+from __future__ import annotations
+
+import pandas as pd
+import sqlalchemy as sa
+
+FEEDBACK_INTENT = "feedback_correction"  # intent of examples that come from people's corrections
+
+
+def new_feedback(engine: sa.Engine, limit: int) -> pd.DataFrame:
+    """Feedback not yet curated (id above the highest curated one), joined with its request."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text(
+                "SELECT f.id AS feedback_id, f.response_id, r.model_version, r.prompt, "
+                "r.response AS answer, f.rating, f.correction FROM feedback f "
+                "JOIN request_log r USING (response_id) "
+                "WHERE f.id > (SELECT coalesce(max(feedback_id), 0) FROM curated_feedback) "
+                "ORDER BY f.id LIMIT :limit"
+            ),
+            connection,
+            params={"limit": limit},
+        )
+
+
+def store_curated(engine: sa.Engine, rows: pd.DataFrame, vectors) -> int:
+    """Insert curated rows (label from the rating); a row curated before is left alone."""
+    records = [
+        {"feedback_id": int(r.feedback_id), "response_id": str(r.response_id),
+         "model_version": r.model_version, "prompt": r.prompt, "answer": r.answer,
+         "label": "positive" if r.rating > 0 else "negative",
+         "correction": r.correction if isinstance(r.correction, str) and r.correction.strip() else None,
+         "embedding": "[" + ",".join(f"{x:.7g}" for x in vector) + "]"}
+        for r, vector in zip(rows.itertuples(index=False), vectors, strict=True)
+    ]
+    if not records:
+        return 0
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO curated_feedback (feedback_id, response_id, model_version, prompt, answer, "
+                "label, correction, embedding) VALUES (:feedback_id, :response_id, :model_version, "
+                ":prompt, :answer, :label, :correction, CAST(:embedding AS vector)) "
+                "ON CONFLICT (feedback_id) DO NOTHING"
+            ),
+            records,
+        )
+    return len(records)
+
+
+def counts_by_rating_and_model(engine: sa.Engine) -> pd.DataFrame:
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT model_version, label, count(*) AS rows, count(correction) AS corrections "
+                    "FROM curated_feedback GROUP BY model_version, label ORDER BY model_version, label"),
+            connection,
+        )
+
+
+def correction_examples(engine: sa.Engine) -> pd.DataFrame:
+    """Every correction so far as a training example (prompt, response, intent) with provenance
+    (feedback_id, response_id, model_version), oldest first, so the order is deterministic."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT feedback_id, response_id::text AS response_id, model_version, prompt, "
+                    "correction AS response FROM curated_feedback WHERE correction IS NOT NULL "
+                    "ORDER BY feedback_id"),
+            connection,
+        ).assign(intent=FEEDBACK_INTENT)
