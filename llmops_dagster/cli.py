@@ -106,7 +106,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nrun {result.run_id} FAILED; it is in the Dagster UI (make ui)", file=sys.stderr)
         return 1
     print(f"\nrun {result.run_id} succeeded; see it in the Dagster UI (make ui)")
+    served = result.asset_materializations_for_node("serving_deployment")
+    if served and not args.no_traffic:
+        response_id = _sample_traffic(served[-1].metadata["url"].value)
+        print("\n== llmops trace " + response_id + " ==")
+        return cmd_trace(argparse.Namespace(response_id=response_id, rows=5))
     return 0
+
+
+SAMPLE_QUESTIONS = (
+    "Where is my order A12345?",
+    "How do I factory reset my Aurora Hub?",
+    "How long is the warranty on the Aurora Camera?",
+    "Please cancel order A67890.",
+    "Is express shipping free if I buy a Aurora Speaker?",
+)
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def _sample_traffic(url: str) -> str:
+    """Ask the served model a few questions and rate the answers; return the first response id."""
+    print(f"\n== sample traffic to {url} ==")
+    first = None
+    for number, question in enumerate(SAMPLE_QUESTIONS):
+        answer = _post(f"{url}/v1/generate", {"prompt": question})
+        rating = -1 if number == 0 else 1
+        feedback = {"response_id": answer["response_id"], "rating": rating, "client_id": "make-run"}
+        if rating < 0:
+            feedback["correction"] = "Order A12345 left our warehouse and is on its way."
+        stored = _post(f"{url}/v1/feedback", feedback)
+        print(f"  {question!r}\n    -> {answer['text']!r} ({answer['latency_ms']:.0f} ms, "
+              f"{'+1' if rating > 0 else '-1'}, feedback {stored['status']})")
+        first = first or answer["response_id"]
+    return first
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
@@ -230,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="materialize a job into the persistent instance")
     run.add_argument("--job", default="main")
     run.add_argument("--config", default="", help="run config as JSON")
+    run.add_argument("--no-traffic", action="store_true", help="skip the sample requests and trace")
     run.set_defaults(handler=cmd_run)
     commands.add_parser("env", help="environment for dagster dev").set_defaults(handler=cmd_env)
     db = commands.add_parser("db", help="the platform database")
