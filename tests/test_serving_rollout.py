@@ -86,7 +86,7 @@ def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(
                                         serving_deployment],
                          ops={"finetuned_checkpoint": {"config": {"max_steps": 100, "seed": 7}},
                               "eval_report": {"config": {"max_examples": 20}},
-                              "approved_model": {"config": {"min_token_f1": 0.3, "margin": 1.0}}})
+                              "approved_model": {"config": {"min_token_f1": 0.05, "margin": 1.0}}})
     [served] = result.asset_materializations_for_node("serving_deployment")
     second = served.metadata["model_version"].value
     assert second != first
