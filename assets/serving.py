@@ -16,7 +16,7 @@ from resources.serving import RayServeResource
 
 class ServingDeploymentConfig(dg.Config):
     max_batch_size: int = Field(default=8, description="Requests per @serve.batch call.")
-    batch_wait_timeout_s: float = Field(default=0.01, description="Longest wait to fill a batch (s).")
+    batch_wait_timeout_s: float = Field(default=0.005, description="Longest wait to fill a batch (s).")
 
 
 def serving_config(engine, version: registry.ModelVersion, database_url: str,

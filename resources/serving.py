@@ -44,7 +44,7 @@ class RayServeResource(dg.ConfigurableResource):
         import ray
 
         ray.shutdown()
-        return ray_cluster.stop_local_head(self.local_temp_dir())
+        return ray_cluster.stop_local_head(self.local_temp_dir(), self.local_port)
 
     def url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"

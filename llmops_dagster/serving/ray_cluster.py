@@ -32,6 +32,7 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> 
     if status.returncode != 0:
         temp_dir.mkdir(parents=True, exist_ok=True)
         result = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                      f"--ray-client-server-port={client_server_port(port)}",
                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                       f"--temp-dir={temp_dir}", check=False)
         if result.returncode != 0:
@@ -48,15 +49,23 @@ def connect(address: str) -> None:
                  log_to_driver=False)
 
 
-def stop_local_head(temp_dir: Path) -> int:
-    """Stop the local head started in `temp_dir` (its processes name that folder); other Ray
-    clusters on the machine are left alone. Returns how many processes were stopped."""
+def client_server_port(gcs_port: int) -> int:
+    """Ray's client server port, one per head (Ray's default 10001 would collide)."""
+    return 9101 + (gcs_port - LOCAL_PORT)  # below Ray's worker ports (10002-19999)
+
+
+def stop_local_head(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> int:
+    """Stop the local head started in `temp_dir` (its processes name that folder, its client
+    server its port); other Ray clusters on the machine are left alone. Returns how many processes
+    were stopped."""
     import psutil
 
+    client = f"--port={client_server_port(gcs_port)}"
     mine = []
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if str(temp_dir) in " ".join(process.info["cmdline"] or []):
+            cmdline = " ".join(process.info["cmdline"] or [])
+            if str(temp_dir) in cmdline or ("ray.util.client.server" in cmdline and client in cmdline):
                 mine.append(process)
     for process in mine:
         with contextlib.suppress(psutil.Error):
