@@ -12,13 +12,15 @@ field, never a 5xx. The deployment class is plain Python, so it builds and tests
 
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
@@ -108,6 +110,17 @@ class ServingConfig:
 
 
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")
+
+
+@api.exception_handler(RequestValidationError)
+async def _refuse(request, error: RequestValidationError) -> Response:
+    """422 naming each bad field. FastAPI's own handler echoes the bad input back and fails with a
+    500 when it cannot encode it (a lone surrogate, NaN); this one sends type, location and message
+    only, ASCII-escaped, so any refused input gets a 4xx."""
+    detail = [{"type": e.get("type"), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+               "msg": str(e.get("msg"))} for e in error.errors()]
+    return Response(json.dumps({"detail": detail}, ensure_ascii=True), status_code=422,
+                    media_type="application/json")
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
