@@ -32,6 +32,7 @@ browser:
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_serving.py
 
 ui: $(STAMP)
 	eval "$$($(BIN)/llmops env)" && $(BIN)/dagster dev -w workspace.yaml
