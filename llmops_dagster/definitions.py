@@ -6,20 +6,25 @@ from assets import dataset, evaluation, feedback, governance, prompts, serving, 
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
+from resources.loop_settings import LoopSettings
 from resources.serving import RayServeResource
 from resources.trainer import TrainerResource
-from schedules.jobs import main_job
+from schedules.automation import drift_sensor, feedback_sensor, nightly_retrain_schedule, rollback_guard
+from schedules.jobs import deploy_job, main_job, retrain_job
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(
         [dataset, prompts, training, evaluation, governance, serving, feedback]
     ),
-    jobs=[main_job],
+    jobs=[main_job, retrain_job, deploy_job],
+    schedules=[nightly_retrain_schedule()],
+    sensors=[feedback_sensor, drift_sensor, rollback_guard],
     resources={
         "database": PostgresResource(),
         "artifacts": ArtifactStore(),
         "embedder": EmbedderResource(),
         "trainer": TrainerResource(),
         "ray_serve": RayServeResource(),
+        "loop_settings": LoopSettings(),
     },
 )

@@ -276,3 +276,10 @@ def audit_log(engine: sa.Engine, version: str | None = None) -> list[dict]:
             {"version": version},
         ).mappings()
         return [dict(row) for row in rows]
+
+
+def previous_production(engine: sa.Engine) -> str | None:
+    """The version that was production before the current one (what a rollback would restore)."""
+    with engine.connect() as connection:
+        current = _production(connection)
+        return _previous_production(connection, current.version) if current else None

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-# The main job: every lifecycle product built so far, from raw examples on.
+# The main job: every lifecycle product, from raw examples to the served model.
 main_job = dg.define_asset_job(
     "main",
     selection=dg.AssetSelection.groups(
@@ -10,4 +10,18 @@ main_job = dg.define_asset_job(
     ),
     description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
     "base model, fine-tune, eval report, approved model, serving deployment.",
+)
+
+# The stale part after production feedback or drift: curate feedback, then everything downstream
+# of it through serving_deployment (raw_examples is unchanged, so it is not rerun).
+retrain_job = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets("feedback_table").downstream(),
+    description="Curate feedback, revalidate, retrain, re-evaluate, re-approve and redeploy.",
+)
+
+# Redeploys whatever the registry says is production (after a rollback).
+deploy_job = dg.define_asset_job(
+    "deploy", selection=dg.AssetSelection.assets("serving_deployment"),
+    description="Serve the registry's production version.",
 )

@@ -24,6 +24,9 @@ def test_definitions_load():
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
     assert EXPECTED_ASSETS <= keys
     assert defs.resolve_job_def("main")
+    retrain = {k.to_user_string() for k in defs.resolve_job_def("retrain").asset_layer.selected_asset_keys}
+    assert {"feedback_table", "validated_dataset", "finetuned_checkpoint", "serving_deployment"} <= retrain
+    assert "raw_examples" not in retrain
 
 
 def free_port() -> int:
@@ -69,6 +72,23 @@ def test_workspace_loads_in_the_webserver(platform_db):
         assert groups["validated_dataset"] == "dataset" and groups["prompt_set"] == "prompts"
         storage = graphql(port, "{ instance { info } }")["data"]["instance"]["info"]
         assert "PostgresRunStorage" in storage
+        [repository] = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { "
+                               "sensors { name sensorState { status } } "
+                               "schedules { name cronSchedule executionTimezone scheduleState { status } } "
+                               "} } } }")["data"]["repositoriesOrError"]["nodes"]
+        sensors = {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
+        assert sensors == {"feedback_sensor": "RUNNING", "drift_sensor": "RUNNING",
+                           "rollback_guard": "RUNNING"}
+        [schedule] = repository["schedules"]
+        assert (schedule["name"], schedule["cronSchedule"], schedule["scheduleState"]["status"]) == (
+            "nightly_retrain", "0 2 * * *", "RUNNING")
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_nightly_retrain_timezone_is_configurable():
+    from schedules.automation import nightly_retrain_schedule
+
+    schedule = nightly_retrain_schedule("Europe/Paris")
+    assert (schedule.cron_schedule, schedule.execution_timezone) == ("0 2 * * *", "Europe/Paris")

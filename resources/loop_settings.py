@@ -1,0 +1,16 @@
+"""Thresholds and windows of the automation that closes the loop (typed; the sensors read them)."""
+
+import dagster as dg
+from pydantic import Field
+
+
+class LoopSettings(dg.ConfigurableResource):
+    feedback_threshold: int = Field(default=20, description="New negative ratings on the production "
+                                    "model that trigger a retraining.")
+    drift_window: int = Field(default=200, description="Newest production prompts compared (count).")
+    drift_reference: int = Field(default=2000, description="Training-prompt embeddings compared.")
+    drift_alpha: float = Field(default=0.05, description="Target false-alarm rate of the drift test.")
+    drift_permutations: int = Field(default=200, description="Shuffles calibrating the threshold.")
+    guard_margin: float = Field(default=0.1, description="Roll back when the new version's negative "
+                                "rate exceeds the previous one's by more than this.")
+    guard_min_ratings: int = Field(default=20, description="Ratings of each version before judging.")

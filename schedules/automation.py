@@ -1,0 +1,108 @@
+"""Sensors and the schedule that close the loop from production back to training.
+
+The sensors are thin: they read production tables, call the pure decisions in the library, and
+request runs with a run_key derived from what they saw, so a restarted daemon that evaluates the
+same window again launches nothing twice.
+"""
+
+import json
+
+import dagster as dg
+
+from llmops_dagster import drift, loop, registry
+from resources.database import PostgresResource
+from resources.embedder import EmbedderResource
+from resources.loop_settings import LoopSettings
+from schedules.jobs import deploy_job, retrain_job
+
+
+def nightly_retrain_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
+    """Retrain the training path every night at 02:00 in `timezone` (an IANA name)."""
+    return dg.ScheduleDefinition(
+        name="nightly_retrain", job=retrain_job, cron_schedule="0 2 * * *",
+        execution_timezone=timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Nightly retraining of the training path.",
+    )
+
+
+@dg.sensor(job=retrain_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResource,
+                    loop_settings: LoopSettings):
+    """Retrain when new negative feedback on the production model reaches the threshold.
+
+    The cursor is the highest feedback id already counted towards a run: below the threshold it
+    stays put (the rows keep counting); at the threshold it moves to the newest row, and the run
+    key names the window (after_id..last_id), so no row is counted twice or missed.
+    """
+    engine = database.engine()
+    production = registry.production(engine)
+    if production is None:
+        return dg.SkipReason("no model is in production yet")
+    after = int(context.cursor or 0)
+    window = loop.new_negative_feedback(engine, after, production.version)
+    if window.negative < loop_settings.feedback_threshold:
+        return dg.SkipReason(f"{window.negative} new negative ratings on {production.version} since "
+                             f"feedback {after}; threshold {loop_settings.feedback_threshold}")
+    context.update_cursor(str(window.last_id))
+    return dg.RunRequest(
+        run_key=f"feedback-{window.after_id}-{window.last_id}",
+        tags={"llmops/trigger": "feedback", "llmops/negative_feedback": str(window.negative),
+              "llmops/feedback_window": f"{window.after_id}..{window.last_id}"},
+    )
+
+
+@dg.sensor(job=retrain_job, minimum_interval_seconds=300, default_status=dg.DefaultSensorStatus.RUNNING)
+def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource,
+                 embedder: EmbedderResource, loop_settings: LoopSettings):
+    """Retrain when recent production prompts drift from the production model's training prompts
+    (centroid cosine distance, permutation-calibrated to drift_alpha false alarms)."""
+    engine = database.engine()
+    production = registry.production(engine)
+    if production is None:
+        return dg.SkipReason("no model is in production yet")
+    prompts, newest = loop.recent_prompts(engine, production.version, loop_settings.drift_window)
+    if len(prompts) < loop_settings.drift_window:
+        return dg.SkipReason(f"{len(prompts)} prompts served by {production.version}; the window "
+                             f"is {loop_settings.drift_window}")
+    window_key = f"{production.version}@{newest}"
+    if context.cursor == window_key:
+        return dg.SkipReason(f"window ending {newest} was tested already")
+    reference = loop.reference_embeddings(engine, production.dataset_version, loop_settings.drift_reference)
+    if len(reference) < 2:
+        return dg.SkipReason(f"no dataset_embeddings for dataset {production.dataset_version}")
+    result = drift.drift_test(embedder.embed(prompts), reference, alpha=loop_settings.drift_alpha,
+                              permutations=loop_settings.drift_permutations)
+    context.update_cursor(window_key)
+    context.log.info(f"drift statistic {result.statistic:.5f}, threshold {result.threshold:.5f}, "
+                     f"p {result.p_value:.3f} ({result.recent} recent vs {result.reference} reference)")
+    if not result.drifted:
+        return dg.SkipReason(f"no drift: statistic {result.statistic:.5f} <= threshold "
+                             f"{result.threshold:.5f} (p {result.p_value:.3f})")
+    return dg.RunRequest(
+        run_key=f"drift-{window_key}",
+        tags={"llmops/trigger": "drift", "llmops/drift": json.dumps(
+            {"statistic": round(result.statistic, 6), "threshold": round(result.threshold, 6),
+             "p_value": round(result.p_value, 4)})},
+    )
+
+
+@dg.sensor(job=deploy_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING)
+def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResource,
+                   loop_settings: LoopSettings):
+    """Roll back (registry, then deployment) when the new production version's live negative rate
+    exceeds the previous version's by more than the margin over enough ratings."""
+    engine = database.engine()
+    production = registry.production(engine)
+    if production is None:
+        return dg.SkipReason("no model is in production yet")
+    previous = registry.previous_production(engine)
+    if previous is None:
+        return dg.SkipReason(f"{production.version} is the first production version")
+    reason = loop.guard_verdict(loop.live_rate(engine, production.version),
+                                loop.live_rate(engine, previous), loop_settings.guard_margin,
+                                loop_settings.guard_min_ratings)
+    if reason is None:
+        return dg.SkipReason(f"{production.version} is doing no worse than {previous}")
+    restored = registry.rollback(engine, actor="rollback_guard", reason=reason)
+    return dg.RunRequest(run_key=f"rollback-{production.version}-to-{restored.version}",
+                         tags={"llmops/trigger": "rollback_guard"})

@@ -1,0 +1,115 @@
+"""The sensors against the real PostgreSQL and a real DagsterInstance: SkipReason below the
+threshold, exactly one RunRequest when crossed, nothing twice with the same cursor or after a
+daemon restart, drift on a new topic, and the post-deploy guard's rollback."""
+
+import uuid
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+
+from llmops_dagster import database, embeddings, registry
+from llmops_dagster.synthetic_data import generate_examples
+from resources.database import PostgresResource
+from resources.embedder import EmbedderResource
+from resources.loop_settings import LoopSettings
+from schedules.automation import drift_sensor, feedback_sensor, rollback_guard
+
+
+@pytest.fixture
+def engine(platform_db, monkeypatch):
+    """A fresh database with two registered versions; v2 in production after v1."""
+    url = database.ensure_database(platform_db.admin_url(), f"sensors_{uuid.uuid4().hex[:10]}")
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", url)
+    engine = PostgresResource().engine()
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO dataset_versions (version, input_hash, source, path, rows_input, rows_accepted, "
+            "rows_quarantined) VALUES ('d1', 'h', 'synthetic', '/nowhere', 1, 1, 0)"))
+    for version in ("v1", "v2"):
+        registry.register_candidate(
+            engine, version=version, dataset_version="d1", prompt_set_version="p1",
+            base_model_version="b1", checkpoint_path="-", adapter_path="-", merged_model_path="-",
+            train_config={}, eval_report_id=None)
+        registry.promote(engine, version, actor="test", reason="setup")
+    return engine
+
+
+def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = None) -> None:
+    """Rows as the serving app writes them: a request log entry each, and a rating when given."""
+    with engine.begin() as connection:
+        for index, prompt in enumerate(prompts):
+            response_id = str(uuid.uuid4())
+            connection.execute(sa.text(
+                "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
+                "latency_ms) VALUES (:id, :v, :p, 'answer', 8, 1.0)"), {"id": response_id, "v": version,
+                                                                       "p": prompt})
+            if ratings is not None:
+                connection.execute(sa.text(
+                    "INSERT INTO feedback (response_id, client_id, rating) VALUES (:id, 'c', :r)"),
+                    {"id": response_id, "r": ratings[index]})
+
+
+def evaluate(sensor, instance, cursor=None, **settings):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={
+        "database": PostgresResource(), "embedder": EmbedderResource(),
+        "loop_settings": LoopSettings(**settings)})
+    return sensor(context), context.cursor
+
+
+def test_feedback_sensor_counts_every_row_once(engine, instance):
+    serve(engine, "v1", ["old model"] * 5, [-1] * 5)  # not the production model: never counted
+    serve(engine, "v2", ["q"] * 19, [-1] * 19)
+    result, cursor = evaluate(feedback_sensor, instance)
+    assert isinstance(result, dg.SkipReason) and "19 new negative ratings" in result.skip_message
+    assert cursor is None  # below the threshold the rows keep counting
+
+    serve(engine, "v2", ["q"] * 3, [1, 1, -1])
+    result, cursor = evaluate(feedback_sensor, instance)
+    assert isinstance(result, dg.RunRequest)
+    last_id = engine.connect().execute(sa.text("SELECT max(id) FROM feedback")).scalar()
+    assert result.run_key == f"feedback-0-{last_id}" and cursor == str(last_id)
+
+    again, same_cursor = evaluate(feedback_sensor, instance, cursor=cursor)
+    assert isinstance(again, dg.SkipReason) and same_cursor == cursor
+    # A daemon restarted before its cursor was saved sees the same window: the same run_key, which
+    # Dagster never launches twice.
+    restarted, _ = evaluate(feedback_sensor, instance, cursor=None)
+    assert restarted.run_key == result.run_key
+
+    serve(engine, "v2", ["q"] * 20, [-1] * 20)
+    following, next_cursor = evaluate(feedback_sensor, instance, cursor=cursor)
+    assert following.run_key == f"feedback-{last_id}-{last_id + 20}" and next_cursor == str(last_id + 20)
+
+
+def test_drift_sensor_fires_on_a_new_topic_only(engine, instance):
+    examples = generate_examples(n_rows=400, seed=5)
+    reference = [e["prompt"] for e in examples[:300]]
+    embedder = EmbedderResource()
+    embeddings.store_embeddings(engine, "d1", list(range(1, 301)), reference, embedder.embed(reference))
+
+    serve(engine, "v2", [e["prompt"] for e in examples[300:360]])
+    result, cursor = evaluate(drift_sensor, instance, drift_window=60, drift_reference=300)
+    assert isinstance(result, dg.SkipReason) and "no drift" in result.skip_message
+
+    topics = ["Can you recommend a good pasta recipe for dinner?", "What is the capital of Peru?",
+              "Explain how photosynthesis works.", "Who won the football match yesterday?"]
+    serve(engine, "v2", [topics[i % 4] + f" ({i})" for i in range(20)])  # a third of the window
+    result, cursor = evaluate(drift_sensor, instance, cursor=cursor, drift_window=60, drift_reference=300)
+    assert isinstance(result, dg.RunRequest) and result.run_key.startswith("drift-v2@")
+    assert "statistic" in result.tags["llmops/drift"]
+    again, _ = evaluate(drift_sensor, instance, cursor=cursor, drift_window=60, drift_reference=300)
+    assert isinstance(again, dg.SkipReason) and "tested already" in again.skip_message
+
+
+def test_rollback_guard_restores_the_previous_version(engine, instance):
+    serve(engine, "v1", ["q"] * 20, [-1] * 2 + [1] * 18)
+    serve(engine, "v2", ["q"] * 10, [-1] * 5 + [1] * 5)
+    result, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
+    assert isinstance(result, dg.SkipReason)  # too few ratings of v2 to judge
+    serve(engine, "v2", ["q"] * 10, [-1] * 5 + [1] * 5)
+    result, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
+    assert isinstance(result, dg.RunRequest) and result.run_key == "rollback-v2-to-v1"
+    assert registry.production(engine).version == "v1"
+    last = registry.audit_log(engine)[-1]
+    assert last["actor"] == "rollback_guard" and "50.0% over 20 ratings" in last["reason"]
