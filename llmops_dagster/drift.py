@@ -40,15 +40,17 @@ def drift_test(recent: np.ndarray, reference: np.ndarray, alpha: float = 0.05, p
     reference = np.asarray(reference, dtype=np.float32)
     observed = centroid_distance(recent, reference)
     pooled = np.concatenate([recent, reference])
-    total, n = pooled.sum(axis=0), len(recent)
+    total, n, size = pooled.sum(axis=0), len(recent), len(recent) + len(reference)
     rng = np.random.default_rng(seed)
-    null = np.empty(permutations)
-    for i in range(permutations):
-        # A random subset's sum gives both centroids: O(n d) a permutation, never O(n^2).
-        chosen = rng.choice(len(pooled), size=n, replace=False)
-        sum_a = pooled[chosen].sum(axis=0)
-        ca, cb = sum_a / n, (total - sum_a) / (len(pooled) - n)
-        null[i] = 1.0 - float(ca @ cb) / float(np.linalg.norm(ca) * np.linalg.norm(cb))
+    # Every shuffle at once: row i of `chosen` marks which pooled vectors form the first set, so
+    # one matrix product (permutations x size) @ (size x d) gives all first-set sums: O(n d) each.
+    keys = rng.random((permutations, size), dtype=np.float32)
+    chosen = np.zeros((permutations, size), dtype=np.float32)
+    np.put_along_axis(chosen, np.argpartition(keys, n, axis=1)[:, :n], 1.0, axis=1)
+    sums = chosen @ pooled
+    first, second = sums / n, (total - sums) / (size - n)
+    cosine = (first * second).sum(axis=1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+    null = 1.0 - cosine.astype(np.float64)
     p_value = (1 + int((null >= observed).sum())) / (permutations + 1)
     return DriftResult(statistic=observed, threshold=float(np.quantile(null, 1 - alpha)),
                        p_value=p_value, drifted=p_value <= alpha, recent=len(recent),
