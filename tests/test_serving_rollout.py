@@ -1,7 +1,8 @@
 """The loop under live traffic, on real Ray Serve, DeepSpeed and PostgreSQL: while about 2,000
-requests arrive at about 20 per second, negative feedback with corrections is curated, a new model
-is trained on data that includes those corrections, approved and rolled out, then a registry
-rollback redeploys the previous version. Not one request may fail."""
+requests arrive at about 20 per second, negative feedback with corrections makes feedback_sensor
+request a retraining; the run curates the feedback, trains a new model on data that includes those
+corrections, approves it and rolls it out; then a registry rollback redeploys the previous version.
+Not one request may fail."""
 
 import concurrent.futures
 import json
@@ -21,6 +22,8 @@ from assets.serving import serving_deployment
 from assets.training import base_model, finetuned_checkpoint
 from llmops_dagster import registry
 from llmops_dagster.dataset_store import read_accepted
+from resources.loop_settings import LoopSettings
+from schedules.automation import feedback_sensor
 
 RATE_PER_S = 20
 MIN_REQUESTS = 2000
@@ -59,11 +62,12 @@ class Load:
             self.outcomes = [f.result() for f in futures]
 
 
-def materialize(served_model, assets, ops=None):
+def materialize(served_model, assets, ops=None, tags=None):
     all_assets = [feedback_table, raw_examples, validated_dataset, prompt_set, base_model,
                   finetuned_checkpoint, eval_report, approved_model, serving_deployment]
     result = dg.materialize(all_assets, selection=assets, resources=served_model["resources"],
-                            instance=served_model["instance"], run_config={"ops": ops or {}})
+                            instance=served_model["instance"], run_config={"ops": ops or {}},
+                            tags=tags)
     assert result.success
     return result
 
@@ -81,15 +85,22 @@ def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(
                                              "correction": correction, "client_id": "rollout-test"})
         corrections[stored["feedback_id"]] = correction
 
+    context = dg.build_sensor_context(instance=served_model["instance"], resources={
+        "database": served_model["resources"]["database"],
+        "loop_settings": LoopSettings(feedback_threshold=len(corrections))})
+    request = feedback_sensor(context)
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("feedback-0-")
     result = materialize(served_model, [feedback_table, validated_dataset, prompt_set, base_model,
                                         finetuned_checkpoint, eval_report, approved_model,
                                         serving_deployment],
+                         tags=request.tags,
                          ops={"finetuned_checkpoint": {"config": {"max_steps": 100, "seed": 7}},
                               "eval_report": {"config": {"max_examples": 20}},
                               "approved_model": {"config": {"min_token_f1": 0.05, "margin": 1.0}}})
     [served] = result.asset_materializations_for_node("serving_deployment")
     second = served.metadata["model_version"].value
-    assert second != first
+    assert second != first and registry.production(engine).version == second
+    assert post(f"{url}/v1/generate", {"prompt": "Hi", "max_new_tokens": 4})["model_version"] == second
     new_model = registry.get(engine, second)
     with engine.connect() as connection:
         dataset_path = connection.execute(
