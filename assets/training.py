@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.prompts import prompt_set
 from llmops_dagster.lineage import latest_metadata
-from llmops_dagster.prompts import SPLIT_FILES
+from llmops_dagster.prompts import SPLIT_FILES, read_records
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
 from llmops_dagster.training.plots import loss_curve_markdown
@@ -50,7 +50,7 @@ def base_model(
     prompts = latest_metadata(context, prompt_set)
     if config.source == SCRATCH:
         train_file = Path(prompts["path"]) / SPLIT_FILES["train"]
-        records = [json.loads(line) for line in train_file.read_text().splitlines()]
+        records = read_records(train_file)
         texts = [r["prompt"] + r["completion"] for r in records]
         version, folder = artifacts.write_content_addressed(
             "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)

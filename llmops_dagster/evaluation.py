@@ -61,8 +61,9 @@ def paired_bootstrap(candidate: np.ndarray, champion: np.ndarray, samples: int =
 
 def load_eval_records(eval_file: str | Path, max_examples: int) -> list[dict]:
     """The first `max_examples` records of a prompt set's eval.jsonl (its order is fixed)."""
-    lines = Path(eval_file).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines[:max_examples]]
+    from llmops_dagster.prompts import read_records
+
+    return read_records(Path(eval_file))[:max_examples]
 
 
 @dataclass

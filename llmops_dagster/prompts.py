@@ -95,3 +95,10 @@ def record_prompt_set_version(engine, version: str, dataset_version: str,
              "template_name": template.name, "template_sha": template.sha, "path": str(path),
              "train_rows": train_rows, "eval_rows": eval_rows},
         )
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records of a prompt-set file. Split on newlines only: a record's text may hold other
+    Unicode line breaks (U+2028, U+0085, ...) that str.splitlines would cut it at."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.split("\n") if line.strip()]

@@ -116,3 +116,12 @@ def test_unreadable_rows_keep_their_original_bytes(tmp_path):
     assert json.loads(by_row[2].original_row) == {"_raw": "{broken"}
     assert by_row[3].reasons == ["not valid UTF-8: invalid UTF-8 byte(s) b'\\xe9' at byte offset 15"]
     assert "caf\\xe9" in json.loads(by_row[3].original_row)["_raw"]
+
+
+def test_prompt_set_records_survive_unicode_line_breaks(tmp_path):
+    from llmops_dagster.prompts import read_records
+
+    path = tmp_path / "train.jsonl"
+    records = [{"prompt": "a\u2028b\x85c\x1cd", "completion": "e"}, {"prompt": "f", "completion": "g"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    assert read_records(path) == records
