@@ -59,12 +59,14 @@ def counts_by_rating_and_model(engine: sa.Engine) -> pd.DataFrame:
 
 
 def correction_examples(engine: sa.Engine) -> pd.DataFrame:
-    """Every correction so far as a training example (prompt, response, intent) with provenance
-    (feedback_id, response_id, model_version), oldest first, so the order is deterministic."""
+    """Every correction given with a down-vote as a training example (prompt, response, intent)
+    with provenance (feedback_id, response_id, model_version), oldest first, so the order is
+    deterministic. A "correction" sent with an up-vote contradicts its rating and is kept out."""
     with engine.connect() as connection:
         return pd.read_sql_query(
             sa.text("SELECT feedback_id, response_id::text AS response_id, model_version, prompt, "
-                    "correction AS response FROM curated_feedback WHERE correction IS NOT NULL "
+                    "correction AS response FROM curated_feedback "
+                    "WHERE correction IS NOT NULL AND label = 'negative' "
                     "ORDER BY feedback_id"),
             connection,
         ).assign(intent=FEEDBACK_INTENT)
