@@ -1,6 +1,5 @@
 """Serving stage: the production model behind HTTP on Ray Serve."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -63,9 +62,9 @@ def serving_deployment(
             "endpoints": dg.MetadataValue.md(
                 "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
                 "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |"),
-            "lineage": dg.MetadataValue.json(json.loads(json.dumps({
+            "lineage": dg.MetadataValue.json({
                 "dataset_version": version.dataset_version,
                 "prompt_set_version": version.prompt_set_version,
-                "base_model_version": version.base_model_version}))),
+                "base_model_version": version.base_model_version}),
         },
     )

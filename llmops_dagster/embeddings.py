@@ -7,6 +7,11 @@ import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector  # noqa: F401  (registers the vector type with SQLAlchemy)
 
 
+def vector_literal(vector) -> str:
+    """A vector as pgvector's text form, '[x,y,...]' (7 significant digits: float32 precision)."""
+    return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
 def stored_rows(engine: sa.Engine, dataset_version: str) -> int:
     with engine.connect() as connection:
         return connection.execute(
@@ -30,7 +35,7 @@ def store_embeddings(engine: sa.Engine, dataset_version: str, row_numbers: list[
     )
     rows = [
         {"v": dataset_version, "row": int(r), "prompt": p,
-         "embedding": "[" + ",".join(f"{x:.7g}" for x in vector) + "]"}
+         "embedding": vector_literal(vector)}
         for r, p, vector in zip(row_numbers, prompts, vectors, strict=True)
     ]
     with engine.begin() as connection:

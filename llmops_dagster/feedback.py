@@ -5,6 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
+from llmops_dagster.embeddings import vector_literal
+
 FEEDBACK_INTENT = "feedback_correction"  # intent of examples that come from people's corrections
 
 
@@ -31,7 +33,7 @@ def store_curated(engine: sa.Engine, rows: pd.DataFrame, vectors) -> int:
          "model_version": r.model_version, "prompt": r.prompt, "answer": r.answer,
          "label": "positive" if r.rating > 0 else "negative",
          "correction": r.correction if isinstance(r.correction, str) and r.correction.strip() else None,
-         "embedding": "[" + ",".join(f"{x:.7g}" for x in vector) + "]"}
+         "embedding": vector_literal(vector)}
         for r, vector in zip(rows.itertuples(index=False), vectors, strict=True)
     ]
     if not records:

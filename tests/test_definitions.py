@@ -3,7 +3,6 @@ instance stores runs and events in the embedded PostgreSQL."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import dagster as dg
 
 from llmops_dagster.definitions import defs
 from llmops_dagster.instance import prepare_dagster_home
+from llmops_dagster.training.launch import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_ASSETS = {"raw_examples", "validated_dataset", "prompt_set", "dataset_embeddings"}
@@ -27,12 +27,6 @@ def test_definitions_load():
     retrain = {k.to_user_string() for k in defs.resolve_job_def("retrain").asset_layer.selected_asset_keys}
     assert {"feedback_table", "validated_dataset", "finetuned_checkpoint", "serving_deployment"} <= retrain
     assert "raw_examples" not in retrain
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def graphql(port: int, query: str) -> dict:
