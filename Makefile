@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_sensors.py
+	$(BIN)/python benchmarks/bench_quality.py
 
 ui: $(STAMP)
 	eval "$$($(BIN)/llmops env)" && $(BIN)/dagster dev -w workspace.yaml

@@ -86,8 +86,12 @@ class FinetuneConfig(dg.Config):
     gradient_accumulation_steps: int | None = Field(default=None, description="Override.")
     precision: str | None = Field(default=None, description="Override: fp32, bf16 or fp16.")
     learning_rate: float | None = Field(default=None, description="Override: peak learning rate.")
-    max_steps: int = Field(default=150, description="Optimizer steps.")
-    checkpoint_every: int = Field(default=50, description="Optimizer steps between checkpoints.")
+    max_steps: int = Field(
+        default=800,
+        description="Optimizer steps. 800 at the default learning rate (3e-3) is where the default "
+        "model learns to copy order numbers from the question (exact match 0.89 at 600 steps).",
+    )
+    checkpoint_every: int = Field(default=200, description="Optimizer steps between checkpoints.")
     seq_len: int = Field(default=96, description="Tokens per example (truncated, padded).")
     lora_r: int = Field(default=16, description="LoRA rank.")
     lora_alpha: int = Field(default=32, description="LoRA scaling numerator (scale = alpha / r).")
@@ -98,8 +102,8 @@ class FinetuneConfig(dg.Config):
     modules_to_save: list[str] = Field(
         default=["lm_head"],
         description="Modules trained in full beside the adapters. The output layer, because the "
-        "default base model is randomly initialized: with it the eval loss falls from 7.6 to about "
-        "0.5 nats/token in 150 steps, without it only to 5.7. Empty for a pretrained base.",
+        "default base model is randomly initialized and its output layer must be learned. Empty "
+        "for a pretrained base.",
     )
     seed: int = Field(default=0, description="Seed of LoRA init and batch order.")
     peak_tflops: float | None = Field(

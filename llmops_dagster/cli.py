@@ -114,12 +114,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Questions not in the training split (new order numbers and phrasings), each with the answer the
+# synthetic set's rules give, so that the sample traffic shows and rates whether the model is right.
 SAMPLE_QUESTIONS = (
-    "Where is my order A12345?",
-    "How do I factory reset my Aurora Hub?",
-    "How long is the warranty on the Aurora Camera?",
-    "Please cancel order A67890.",
-    "Is express shipping free if I buy a Aurora Speaker?",
+    ("Where is my order A12345?", "order_status", {"order": "A12345"}),
+    ("How do I factory reset my Aurora Hub?", "reset_device", {"product": "Aurora Hub"}),
+    ("How long is the warranty on the Aurora Camera?", "warranty_check", {"product": "Aurora Camera"}),
+    ("Please cancel order A67890.", "cancel_order", {"order": "A67890"}),
+    ("Is express shipping free if I buy a Aurora Speaker?", "shipping_cost",
+     {"carrier": "express", "product": "Aurora Speaker"}),
 )
 
 
@@ -133,18 +136,22 @@ def _post(url: str, body: dict) -> dict:
 
 
 def _sample_traffic(url: str) -> str:
-    """Ask the served model a few questions and rate the answers; return the first response id."""
+    """Ask the served model a few questions, rate each answer by whether it is the expected one
+    (+1 or -1, no correction: nothing here becomes training data); return the first response id."""
+    from llmops_dagster.evaluation import exact_match
+    from llmops_dagster.synthetic_data import reference_answer
+
     print(f"\n== sample traffic to {url} ==")
     first = None
-    for number, question in enumerate(SAMPLE_QUESTIONS):
+    for question, intent, fields in SAMPLE_QUESTIONS:
         answer = _post(f"{url}/v1/generate", {"prompt": question})
-        rating = -1 if number == 0 else 1
-        feedback = {"response_id": answer["response_id"], "rating": rating, "client_id": "make-run"}
-        if rating < 0:
-            feedback["correction"] = "Order A12345 left our warehouse and is on its way."
-        stored = _post(f"{url}/v1/feedback", feedback)
-        print(f"  {question!r}\n    -> {answer['text']!r} ({answer['latency_ms']:.0f} ms, "
-              f"{'+1' if rating > 0 else '-1'}, feedback {stored['status']})")
+        expected = reference_answer(intent, **fields)
+        right = bool(exact_match(answer["text"], expected))
+        stored = _post(f"{url}/v1/feedback", {"response_id": answer["response_id"],
+                                              "rating": 1 if right else -1, "client_id": "make-run"})
+        print(f"  {question!r}\n    -> {answer['text']!r}\n       ({answer['latency_ms']:.0f} ms; "
+              f"{'right' if right else 'WRONG, expected ' + repr(expected)}; rated "
+              f"{'+1' if right else '-1'}, feedback {stored['status']})")
         first = first or answer["response_id"]
     return first
 

@@ -15,7 +15,10 @@ class Policy:
     min_token_f1: float = 0.5
     min_exact_match: float = 0.0
     max_loss: float = 3.0  # nats per answer token on the eval split
-    margin: float = 0.01  # candidate - champion token F1: the bootstrap 95% lower bound must exceed -margin
+    # Candidate - champion token F1: the bootstrap 95% lower bound must exceed -margin. Retrains of
+    # the default model that differ only in seed reach -0.0054 at worst on 215 eval examples
+    # (benchmarks/bench_quality.py); 0.02 leaves room for smaller eval sets and other machines.
+    margin: float = 0.02
 
 
 @dataclass

@@ -148,6 +148,29 @@ def _fill(template: str, fields: dict[str, str]) -> str:
     return template.format(**fields)
 
 
+def _fields(order: str, product: str, carrier: str, city: str) -> dict[str, str]:
+    """Every value an answer template may use, derived from what the customer asked."""
+    return {
+        "order": order,
+        "product": product,
+        "carrier": carrier,
+        "carrier_title": carrier.capitalize(),
+        "shipping_cost": SHIPPING_COST[carrier],
+        "city": city,
+        "warranty_years": str(WARRANTY_YEARS[product]),
+        "reset_seconds": str(RESET_SECONDS[product]),
+    }
+
+
+def reference_answer(intent: str, order: str = "A10000", product: str = PRODUCTS[0],
+                     carrier: str = CARRIERS[0], city: str = CITIES[0]) -> str:
+    """The answer the synthetic set gives to a question of `intent` about these values."""
+    by_name = {i.name: i for i in INTENTS}
+    if intent not in by_name:
+        raise ValueError(f"unknown intent {intent!r}; one of {sorted(by_name)}")
+    return _fill(by_name[intent].answer, _fields(order, product, carrier, city))
+
+
 def generate_examples(n_rows: int = 2400, seed: int = 7) -> list[dict[str, str]]:
     """Return `n_rows` unique support examples with columns prompt, response, intent, product."""
     if n_rows < len(INTENTS):
@@ -163,16 +186,7 @@ def generate_examples(n_rows: int = 2400, seed: int = 7) -> list[dict[str, str]]
         intent = INTENTS[len(rows) % len(INTENTS)]  # balanced over intents
         product = rng.choice(PRODUCTS)
         carrier = rng.choice(CARRIERS)
-        fields = {
-            "order": f"A{rng.randint(10000, 99999)}",
-            "product": product,
-            "carrier": carrier,
-            "carrier_title": carrier.capitalize(),
-            "shipping_cost": SHIPPING_COST[carrier],
-            "city": rng.choice(CITIES),
-            "warranty_years": str(WARRANTY_YEARS[product]),
-            "reset_seconds": str(RESET_SECONDS[product]),
-        }
+        fields = _fields(f"A{rng.randint(10000, 99999)}", product, carrier, rng.choice(CITIES))
         question = _fill(rng.choice(intent.questions), fields)
         greeting = rng.choice(GREETINGS)
         if greeting.endswith(", ") and not question.startswith("I "):

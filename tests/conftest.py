@@ -1,14 +1,29 @@
-"""Shared fixtures: one real embedded PostgreSQL (pgvector) and artifact root for the test session."""
+"""Shared fixtures: one real embedded PostgreSQL (pgvector) server for the test session, and a
+database and artifact root of its own for every test that writes data, models or runs.
+
+Isolation: a test that writes (quarantine rows, versions, models, requests, feedback, runs) takes
+`fresh_database` (directly or through `resources` or `served_model`), a new database on the session's
+server named by LLMOPS_DATABASE_URL for that test only, its own Dagster instance and its own artifact
+root under tmp_path. No test can see another's rows, so the suite passes in any order.
+"""
 
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
 from llmops_dagster import database
+
+# Not make run's 8000/6390: tests never touch a developer's served model. Overridable so that two
+# test sessions on one machine do not share a cluster.
+SERVING_HTTP_PORT = int(os.environ.get("LLMOPS_TEST_HTTP_PORT", "8011"))
+SERVING_GCS_PORT = int(os.environ.get("LLMOPS_TEST_RAY_PORT", "6391"))
+SERVED_TEMPLATE_DATABASE = "served_template"
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +44,8 @@ def llmops_home():
 
 @pytest.fixture(scope="session")
 def platform_db(llmops_home):
-    """The platform's PostgreSQL resource on the embedded server, migrated."""
+    """The platform's PostgreSQL resource on the embedded server, migrated (read-only for tests:
+    tests that write take `fresh_database`)."""
     from resources.database import PostgresResource
 
     resource = PostgresResource()
@@ -37,14 +53,40 @@ def platform_db(llmops_home):
     return resource
 
 
+def _new_database_url(platform_db, prefix: str, template: str | None = None) -> str:
+    """A new database on the session's server (a copy of `template` when given); its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    if template is None:
+        return database.ensure_database(platform_db.admin_url(), name)
+    admin = sa.create_engine(database.with_database(platform_db.admin_url(), "postgres"),
+                             isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:  # a file-level copy: about 0.1 s, whatever it holds
+            connection.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
+    finally:
+        admin.dispose()
+    return database.with_database(platform_db.admin_url(), name)
+
+
 @pytest.fixture
-def resources(platform_db, tmp_path):
-    """Real resources; each test gets its own artifact root."""
+def fresh_database(platform_db, monkeypatch):
+    """A migrated database of this test's own; PostgresResource() in this test points at it."""
+    from resources.database import PostgresResource
+
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", _new_database_url(platform_db, "t"))
+    resource = PostgresResource()
+    resource.engine()
+    return resource
+
+
+@pytest.fixture
+def resources(fresh_database, tmp_path):
+    """Real resources on this test's own database and artifact root."""
     from resources.artifacts import ArtifactStore
     from resources.embedder import EmbedderResource
 
     return {
-        "database": platform_db,
+        "database": fresh_database,
         "artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),
         "embedder": EmbedderResource(),
     }
@@ -56,61 +98,85 @@ def instance():
         yield test_instance
 
 
-# Not make run's 8000/6390: tests never touch a developer's served model. Overridable so that two
-# test sessions on one machine do not share a cluster.
-SERVING_HTTP_PORT = int(os.environ.get("LLMOPS_TEST_HTTP_PORT", "8011"))
-SERVING_GCS_PORT = int(os.environ.get("LLMOPS_TEST_RAY_PORT", "6391"))
+@pytest.fixture(scope="session")
+def ray_serve(llmops_home):
+    """The session's local Ray head and Serve proxy on 127.0.0.1:SERVING_HTTP_PORT."""
+    from resources.serving import RayServeResource
+
+    resource = RayServeResource(http_port=SERVING_HTTP_PORT, local_port=SERVING_GCS_PORT)
+    yield resource
+    resource.stop_local()
 
 
 @pytest.fixture(scope="session")
-def served_model(llmops_home):
-    """A real fine-tuned model, approved and served by Ray Serve on 127.0.0.1:8011, once a session.
+def served_template(platform_db, llmops_home):
+    """The default model, trained, evaluated and approved once a session in a template database.
 
-    Returns a dict: url, resources (for dg.materialize), instance, version, engine.
+    Tests never write to it: `served_model` copies it (CREATE DATABASE ... TEMPLATE) for each test.
+    Its products live under a session artifact root that later tests only read (write-once folders).
     """
     from assets.dataset import raw_examples, validated_dataset
     from assets.evaluation import eval_report
     from assets.governance import approved_model
     from assets.prompts import prompt_set
-    from assets.serving import serving_deployment
     from assets.training import base_model, finetuned_checkpoint
+    from llmops_dagster import registry
     from resources.artifacts import ArtifactStore
     from resources.database import PostgresResource
     from resources.embedder import EmbedderResource
-    from resources.serving import RayServeResource
     from resources.trainer import TrainerResource
 
-    resources = {
-        "database": PostgresResource(),
-        "artifacts": ArtifactStore(root=str(llmops_home / "serving-artifacts")),
-        "embedder": EmbedderResource(),
-        "trainer": TrainerResource(),
-        "ray_serve": RayServeResource(http_port=SERVING_HTTP_PORT, local_port=SERVING_GCS_PORT),
-    }
-    engine = resources["database"].engine()
-    import sqlalchemy as sa
-
-    with engine.begin() as connection:  # this session's registry may hold other tests' models
-        connection.execute(sa.text("UPDATE model_versions SET stage = 'archived' "
-                                   "WHERE stage = 'production'"))
-    with dg.instance_for_test() as instance:
+    url = database.ensure_database(platform_db.admin_url(), SERVED_TEMPLATE_DATABASE)
+    with pytest.MonkeyPatch.context() as patch, dg.instance_for_test() as instance:
+        patch.setenv("LLMOPS_DATABASE_URL", url)
+        resources = {
+            "database": PostgresResource(),
+            "artifacts": ArtifactStore(root=str(llmops_home / "served-artifacts")),
+            "embedder": EmbedderResource(),
+            "trainer": TrainerResource(),
+        }
         result = dg.materialize(
             [raw_examples, validated_dataset, prompt_set, base_model, finetuned_checkpoint,
-             eval_report, approved_model, serving_deployment],
+             eval_report, approved_model],
             resources=resources, instance=instance,
-            run_config={"ops": {
-                "finetuned_checkpoint": {"config": {"max_steps": 100, "checkpoint_every": 100}},
-                "eval_report": {"config": {"max_examples": 20}},
-                "approved_model": {"config": {"min_token_f1": 0.3}},
-            }},
+            run_config={"ops": {"eval_report": {"config": {"max_examples": 40}}}},
         )
         assert result.success
-        [event] = result.asset_materializations_for_node("serving_deployment")
-        yield {
-            "url": event.metadata["url"].value,
-            "version": event.metadata["model_version"].value,
-            "resources": resources,
-            "instance": instance,
-            "engine": engine,
-        }
-    resources["ray_serve"].stop_local()
+        version = registry.production(resources["database"].engine()).version
+    database.platform_engine(url).dispose()  # a template database must have no open connection
+    return {"version": version}
+
+
+@pytest.fixture
+def served_model(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance):
+    """The session's default model served by Ray Serve on 127.0.0.1, logging to a database of this
+    test's own (a copy of the template: the same registry, versions and eval report).
+
+    Returns a dict: url, resources (for dg.materialize), instance, version, engine.
+    """
+    from assets.serving import serving_deployment
+    from resources.artifacts import ArtifactStore
+    from resources.database import PostgresResource
+    from resources.embedder import EmbedderResource
+    from resources.trainer import TrainerResource
+
+    monkeypatch.setenv("LLMOPS_DATABASE_URL",
+                       _new_database_url(platform_db, "served", template=SERVED_TEMPLATE_DATABASE))
+    resources = {
+        "database": PostgresResource(),
+        "artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),
+        "embedder": EmbedderResource(),
+        "trainer": TrainerResource(),
+        "ray_serve": ray_serve,
+    }
+    result = dg.materialize([serving_deployment], resources=resources, instance=instance)
+    assert result.success
+    [event] = result.asset_materializations_for_node("serving_deployment")
+    assert event.metadata["model_version"].value == served_template["version"]
+    return {
+        "url": event.metadata["url"].value,
+        "version": served_template["version"],
+        "resources": resources,
+        "instance": instance,
+        "engine": resources["database"].engine(),
+    }

@@ -1,6 +1,7 @@
 """The platform database: embedded server reuse, a server given by URL, migrations, bad settings."""
 
 import multiprocessing
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -24,7 +25,7 @@ def _migrate(url: str) -> None:
 
 
 def test_server_by_url_is_migrated_once_under_concurrency(platform_db, monkeypatch):
-    url = database.ensure_database(platform_db.admin_url(), "llmops_by_url")
+    url = database.ensure_database(platform_db.admin_url(), f"by_url_{uuid.uuid4().hex[:12]}")
     bare = url.replace("postgresql+psycopg2://", "postgresql://")  # as a user would write it
     monkeypatch.setenv("LLMOPS_DATABASE_URL", bare)
     assert PostgresResource().url() == url

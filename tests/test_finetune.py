@@ -1,7 +1,10 @@
 """The fine-tuning stage for real: 2 DeepSpeed ranks (gloo, CPU) started by torchrun through
 Dagster Pipes; SIGKILL of the process tree mid-run and mid-checkpoint, then resume."""
 
+import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +14,7 @@ from assets.dataset import raw_examples, validated_dataset
 from assets.prompts import prompt_set
 from assets.training import base_model, finetuned_checkpoint
 from llmops_dagster.training import checkpoints
+from llmops_dagster.training.launch import launch_command
 from llmops_dagster.training.train_lora import FAULT_ENV, read_history
 from resources.trainer import TrainerResource
 
@@ -107,3 +111,25 @@ def test_bad_settings_fail_before_launch(stage):
     assert "finetuned_checkpoint.target_modules ['c_attn'] are not modules" in failure_message(result)
     result = stage(num_processes=64)
     assert "finetuned_checkpoint.num_processes=64 but this machine has" in failure_message(result)
+
+
+def test_the_same_seed_gives_the_same_adapter_bytes(stage, tmp_path):
+    """Training is deterministic on one machine: a second run of the same run file (same seed,
+    ranks and threads a rank) into another folder writes byte-identical adapter weights."""
+    first = stage()
+    assert first.success, failure_message(first)
+    meta = metadata(first)
+    run = json.loads(Path(meta["train_config"]).read_text())
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "train_config.json").write_text(json.dumps({**run, "output_dir": str(again)}))
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    subprocess.run(launch_command(again / "train_config.json", int(meta["world_size"])), check=True,
+                   env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=600)
+
+    def weights(folder) -> str:
+        return hashlib.sha256((Path(folder) / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+    assert weights(again / "adapter") == weights(meta["adapter_path"])
+    assert read_history(again / "metrics.jsonl")[-1]["loss"] == read_history(
+        Path(meta["path"]) / "metrics.jsonl")[-1]["loss"]

@@ -32,12 +32,20 @@ class ScratchModelSpec:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer.
+
+    Digits are split into one token each before BPE runs: an order number such as A48399 is then six
+    tokens the model can copy one by one from the question, instead of corpus-specific chunks
+    ("483", "99") that an unseen number breaks into differently.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

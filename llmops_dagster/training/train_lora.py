@@ -312,7 +312,7 @@ def train(config: RunConfig) -> None:
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             tokens += int(batch["attention_mask"].sum())
         pending.append([step, sum(losses) / len(losses), float(tokens),
                         time.perf_counter() - step_started, engine.get_lr()[0]])
