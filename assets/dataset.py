@@ -5,11 +5,12 @@ import dagster as dg
 from pydantic import Field
 
 from assets.feedback import feedback_table
-from llmops_dagster import dataset_store, embeddings, feedback
-from llmops_dagster.eda import profile_examples
+from llmops_dagster.dataset import dataset_store, embeddings
+from llmops_dagster.dataset.eda import profile_examples
+from llmops_dagster.dataset.raw_data import SYNTHETIC, load_snapshot, snapshot_source
+from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
+from llmops_dagster.feedback import curation
 from llmops_dagster.lineage import latest_metadata
-from llmops_dagster.raw_data import SYNTHETIC, load_snapshot, snapshot_source
-from llmops_dagster.validation import ValidationRules, data_version, validate_examples
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -95,7 +96,7 @@ def validated_dataset(
     raw = latest_metadata(context, raw_examples)
     engine = database.engine()
     snapshot = load_snapshot(raw["snapshot_path"])
-    frame = dataset_store.with_feedback_examples(snapshot, feedback.correction_examples(engine))
+    frame = dataset_store.with_feedback_examples(snapshot, curation.correction_examples(engine))
     report = validate_examples(frame, config.rules())
     version = data_version(report.accepted)
     folder = artifacts.write_version(

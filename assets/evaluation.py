@@ -7,7 +7,8 @@ import dagster as dg
 from pydantic import Field
 
 from assets.training import finetuned_checkpoint
-from llmops_dagster import evaluation, registry
+from llmops_dagster.evaluation import scoring
+from llmops_dagster.governance import registry
 from llmops_dagster.lineage import latest_metadata
 from resources.database import PostgresResource
 
@@ -31,7 +32,7 @@ def eval_report(
     models = {"candidate": candidate["merged_model_path"], "base": run["base_model"]}
     if champion is not None and champion.version != candidate["version"]:
         models["champion"] = champion.merged_model_path
-    report = evaluation.evaluate(
+    report = scoring.evaluate(
         models, run["eval_file"], config.max_examples, config.max_new_tokens, run["seq_len"],
         config.bootstrap_samples, config.seed,
     )
@@ -42,7 +43,7 @@ def eval_report(
         champion_label = f"{champion.version} (the candidate itself, already in production)"
     else:
         champion_label = champion_version
-    report_id = evaluation.store_report(
+    report_id = scoring.store_report(
         engine, report, candidate["version"], champion_version,
         candidate["dataset_version"], candidate["prompt_set_version"],
     )
@@ -62,8 +63,8 @@ def eval_report(
                 f"(95% CI {comparison['ci_low']:+.4f} .. {comparison['ci_high']:+.4f})"
                 if comparison else "no champion"
             ),
-            "metrics": dg.MetadataValue.md(evaluation.metrics_markdown(metrics)),
-            "token_f1_per_intent": dg.MetadataValue.md(evaluation.slices_markdown(slices)),
-            "plot": dg.MetadataValue.md(evaluation.slices_plot_markdown(slices)),
+            "metrics": dg.MetadataValue.md(scoring.metrics_markdown(metrics)),
+            "token_f1_per_intent": dg.MetadataValue.md(scoring.slices_markdown(slices)),
+            "plot": dg.MetadataValue.md(scoring.slices_plot_markdown(slices)),
         },
     )

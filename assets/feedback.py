@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from llmops_dagster import feedback
+from llmops_dagster.feedback import curation
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 
@@ -20,11 +20,11 @@ def feedback_table(
     """Feedback since the last curation, joined with its request, labelled and embedded (HNSW);
     corrected answers become candidate training examples for the next validated_dataset."""
     engine = database.engine()
-    rows = feedback.new_feedback(engine, config.max_rows)
+    rows = curation.new_feedback(engine, config.max_rows)
     vectors = embedder.embed(rows["prompt"].tolist()) if len(rows) else []
-    added = feedback.store_curated(engine, rows, vectors)
-    counts = feedback.counts_by_rating_and_model(engine)
-    corrections = feedback.correction_examples(engine)
+    added = curation.store_curated(engine, rows, vectors)
+    counts = curation.counts_by_rating_and_model(engine)
+    corrections = curation.correction_examples(engine)
     context.log.info(f"curated {added} new feedback rows; {len(corrections)} corrections in all")
     return dg.MaterializeResult(
         metadata={

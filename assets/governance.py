@@ -10,7 +10,8 @@ from pydantic import Field
 from assets.dataset import QUARANTINE_CHECK, validated_dataset
 from assets.evaluation import eval_report
 from assets.training import finetuned_checkpoint
-from llmops_dagster import evaluation, governance, registry
+from llmops_dagster.evaluation import scoring
+from llmops_dagster.governance import policy, registry
 from llmops_dagster.lineage import failed_checks, latest_metadata
 from resources.database import PostgresResource
 
@@ -22,21 +23,21 @@ BLOCKING_CHECKS = [dg.AssetCheckKey(validated_dataset.key, QUARANTINE_CHECK)]
 class ApprovalConfig(dg.Config):
     mode: str = Field(default="automatic", description="'automatic', or 'human': wait for "
                       "`llmops models approve VERSION` and materialize again.")
-    min_token_f1: float = Field(default=governance.Policy.min_token_f1,
+    min_token_f1: float = Field(default=policy.Policy.min_token_f1,
                                  description="Lowest accepted candidate token F1.")
-    min_exact_match: float = Field(default=governance.Policy.min_exact_match,
+    min_exact_match: float = Field(default=policy.Policy.min_exact_match,
                                     description="Lowest accepted exact-match rate.")
-    max_loss: float = Field(default=governance.Policy.max_loss,
+    max_loss: float = Field(default=policy.Policy.max_loss,
                              description="Highest accepted eval loss (nats/token).")
-    margin: float = Field(default=governance.Policy.margin, description="The bootstrap 95% lower "
+    margin: float = Field(default=policy.Policy.margin, description="The bootstrap 95% lower "
                           "bound of candidate minus champion token F1 must exceed -margin (a retrain "
                           "that differs only in seed stays above -0.006: benchmarks/bench_quality.py).")
     approve_version: str = Field(default="", description="Human mode, from the launchpad: the "
                                  "candidate version a person approves (as `llmops models approve`).")
     approver: str = Field(default="", description="Who approves approve_version (required with it).")
 
-    def policy(self) -> governance.Policy:
-        return governance.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
+    def to_policy(self) -> policy.Policy:
+        return policy.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
                                  max_loss=self.max_loss, margin=self.margin)
 
 
@@ -49,7 +50,7 @@ def approved_model(
         raise dg.Failure(f"approved_model.mode must be one of {MODES}, got {config.mode!r}")
     engine = database.engine()
     candidate = latest_metadata(context, finetuned_checkpoint)
-    report = evaluation.load_report(engine, latest_metadata(context, eval_report)["report_id"])
+    report = scoring.load_report(engine, latest_metadata(context, eval_report)["report_id"])
     if report["candidate_version"] != candidate["version"]:
         raise dg.Failure(f"the latest eval_report judged {report['candidate_version']}, not the latest "
                          f"fine-tune {candidate['version']}: materialize eval_report first")
@@ -65,7 +66,7 @@ def approved_model(
         train_config=json.loads(Path(candidate["train_config"]).read_text()),
         eval_report_id=report["id"],
     )
-    decision = governance.judge(config.policy(), report["metrics"]["candidate"],
+    decision = policy.judge(config.to_policy(), report["metrics"]["candidate"],
                                 report["comparison"] or None, failed_checks(context, BLOCKING_CHECKS))
     if not decision.passed:
         if version.stage == "candidate":

@@ -7,8 +7,9 @@ import dagster as dg
 from pydantic import Field
 
 from assets.dataset import validated_dataset
-from llmops_dagster import dataset_store, prompts
+from llmops_dagster.dataset import dataset_store
 from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.prompts import templates
 from llmops_dagster.settings import PROMPTS_DIR
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -30,14 +31,14 @@ def prompt_set(
 ) -> dg.MaterializeResult:
     """Train and eval records rendered from a versioned prompt template over the validated dataset."""
     dataset = latest_metadata(context, validated_dataset)
-    template = prompts.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
-    version = prompts.prompt_set_version(template, dataset["version"])
-    records = prompts.render_records(template, dataset_store.read_accepted(dataset["path"]))
+    template = templates.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
+    version = templates.prompt_set_version(template, dataset["version"])
+    records = templates.render_records(template, dataset_store.read_accepted(dataset["path"]))
     folder = artifacts.write_version(
-        "prompt_sets", version, lambda d: prompts.write_prompt_set(d, records, template)
+        "prompt_sets", version, lambda d: templates.write_prompt_set(d, records, template)
     )
     counts = records["split"].value_counts()
-    prompts.record_prompt_set_version(
+    templates.record_prompt_set_version(
         database.engine(), version, dataset["version"], template, folder,
         int(counts.get("train", 0)), int(counts.get("eval", 0)),
     )

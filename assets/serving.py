@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from assets.governance import approved_model
-from llmops_dagster import registry
+from llmops_dagster.governance import registry
 from llmops_dagster.serving.app import ServingConfig
 from resources.database import PostgresResource
 from resources.serving import RayServeResource

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.prompts import prompt_set
 from llmops_dagster.lineage import latest_metadata
-from llmops_dagster.prompts import SPLIT_FILES, read_records
+from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
 from llmops_dagster.training.plots import loss_curve_markdown

@@ -54,8 +54,8 @@ def main() -> None:
 
     from assets.dataset import raw_examples, validated_dataset
     from assets.prompts import prompt_set
-    from llmops_dagster import evaluation
     from llmops_dagster.definitions import defs
+    from llmops_dagster.evaluation import scoring
     from resources.artifacts import ArtifactStore
 
     try:
@@ -73,17 +73,17 @@ def main() -> None:
 
         database.stop_embedded_server(home / "pg")
 
-    records = evaluation.load_eval_records(runs[0]["eval_file"], max_examples=10**9)
+    records = scoring.load_eval_records(runs[0]["eval_file"], max_examples=10**9)
     scores = {}
     for run in runs:
-        scored = evaluation.score_model(f"seed {run['seed']}", run["merged"], records, 48,
+        scored = scoring.score_model(f"seed {run['seed']}", run["merged"], records, 48,
                                         run["seq_len"], run["eval_file"])
         scores[run["seed"]] = scored
         run.update(scored.summary())
     f1 = [run["token_f1"] for run in runs]
     em = [run["exact_match"] for run in runs]
     lowest = min(
-        (evaluation.paired_bootstrap(scores[a].per_example["token_f1"].to_numpy(),
+        (scoring.paired_bootstrap(scores[a].per_example["token_f1"].to_numpy(),
                                      scores[b].per_example["token_f1"].to_numpy())["ci_low"], a, b)
         for a, b in itertools.permutations(scores, 2))
 

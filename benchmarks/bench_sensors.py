@@ -56,7 +56,8 @@ def time_sensor(engine: sa.Engine, instance) -> float:
 def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     os.environ["LLMOPS_HOME"] = str(home)
-    from llmops_dagster import database, registry
+    from llmops_dagster import database
+    from llmops_dagster.governance import registry
     from resources.database import PostgresResource
 
     try:
@@ -74,7 +75,7 @@ def main() -> None:
         database.stop_embedded_server(home / "pg")
         shutil.rmtree(home, ignore_errors=True)
 
-    from llmops_dagster.drift import drift_test
+    from llmops_dagster.loop.drift import drift_test
 
     rng = np.random.default_rng(0)
     recent, reference = (rng.normal(size=(10_000, 384)).astype(np.float32) for _ in range(2))

@@ -51,8 +51,8 @@ def materialize_approved(home: Path) -> tuple[dict, object]:
     from assets.prompts import prompt_set
     from assets.serving import ServingDeploymentConfig, serving_config
     from assets.training import base_model, finetuned_checkpoint
-    from llmops_dagster import registry
     from llmops_dagster.definitions import defs
+    from llmops_dagster.governance import registry
     from resources.serving import RayServeResource
 
     resources = {**defs.resources,

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from llmops_dagster.synthetic_data import generate_examples
-from llmops_dagster.validation import (
+from llmops_dagster.dataset.synthetic_data import generate_examples
+from llmops_dagster.dataset.validation import (
     PII_PATTERNS,
     SPLIT_HASH_KEY,
     TOKEN_PATTERN,

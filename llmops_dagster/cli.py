@@ -22,7 +22,7 @@ import sys
 
 import sqlalchemy as sa
 
-from llmops_dagster import registry
+from llmops_dagster.governance import registry
 
 
 def _database():
@@ -138,8 +138,8 @@ def _post(url: str, body: dict) -> dict:
 def _sample_traffic(url: str) -> str:
     """Ask the served model a few questions, rate each answer by whether it is the expected one
     (+1 or -1, no correction: nothing here becomes training data); return the first response id."""
-    from llmops_dagster.evaluation import exact_match
-    from llmops_dagster.synthetic_data import reference_answer
+    from llmops_dagster.dataset.synthetic_data import reference_answer
+    from llmops_dagster.evaluation.scoring import exact_match
 
     print(f"\n== sample traffic to {url} ==")
     first = None
@@ -244,7 +244,7 @@ def _add_models_parser(commands) -> None:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from llmops_dagster.trace import TraceError, trace
+    from llmops_dagster.governance.trace import TraceError, trace
 
     try:
         chain = trace(_database().engine(), args.response_id, sample_rows=args.rows)

@@ -9,8 +9,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from llmops_dagster.dataset.sources import content_hash_of_path
 from llmops_dagster.settings import llmops_home
-from llmops_dagster.sources import content_hash_of_path
 
 
 class ArtifactStore(dg.ConfigurableResource):

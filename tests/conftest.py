@@ -120,7 +120,7 @@ def served_template(platform_db, llmops_home):
     from assets.governance import approved_model
     from assets.prompts import prompt_set
     from assets.training import base_model, finetuned_checkpoint
-    from llmops_dagster import registry
+    from llmops_dagster.governance import registry
     from resources.artifacts import ArtifactStore
     from resources.database import PostgresResource
     from resources.embedder import EmbedderResource

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 from assets.dataset import dataset_embeddings, raw_examples, validated_dataset
 from assets.prompts import prompt_set
-from llmops_dagster.synthetic_data import generate_examples
+from llmops_dagster.dataset.synthetic_data import generate_examples
 
 DATA_STAGE = [raw_examples, validated_dataset, prompt_set, dataset_embeddings]
 

@@ -4,7 +4,7 @@ on no shift."""
 import numpy as np
 import pytest
 
-from llmops_dagster.drift import centroid_distance, drift_test
+from llmops_dagster.loop.drift import centroid_distance, drift_test
 
 DIMENSIONS = 384
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from llmops_dagster.evaluation import exact_match, paired_bootstrap, token_f1
-from llmops_dagster.governance import Policy, judge
+from llmops_dagster.evaluation.scoring import exact_match, paired_bootstrap, token_f1
+from llmops_dagster.governance.policy import Policy, judge
 
 
 @pytest.mark.parametrize(

@@ -19,9 +19,9 @@ from assets.evaluation import eval_report
 from assets.governance import approved_model
 from assets.prompts import prompt_set
 from assets.training import base_model, finetuned_checkpoint
-from llmops_dagster import registry
-from llmops_dagster.synthetic_data import generate_examples
-from llmops_dagster.validation import as_text, assign_split, normalize_text
+from llmops_dagster.dataset.synthetic_data import generate_examples
+from llmops_dagster.dataset.validation import as_text, assign_split, normalize_text
+from llmops_dagster.governance import registry
 from resources.trainer import TrainerResource
 
 PATH = [raw_examples, validated_dataset, prompt_set, base_model, finetuned_checkpoint, eval_report,

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import cli, database, registry
+from llmops_dagster import cli, database
+from llmops_dagster.governance import registry
 
 
 @pytest.fixture

@@ -8,8 +8,10 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import database, embeddings, registry
-from llmops_dagster.synthetic_data import generate_examples
+from llmops_dagster import database
+from llmops_dagster.dataset import embeddings
+from llmops_dagster.dataset.synthetic_data import generate_examples
+from llmops_dagster.governance import registry
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings

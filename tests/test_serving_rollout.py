@@ -23,8 +23,8 @@ from assets.governance import approved_model
 from assets.prompts import prompt_set
 from assets.serving import serving_deployment
 from assets.training import base_model, finetuned_checkpoint
-from llmops_dagster import registry
-from llmops_dagster.dataset_store import read_accepted
+from llmops_dagster.dataset.dataset_store import read_accepted
+from llmops_dagster.governance import registry
 from resources.loop_settings import LoopSettings
 from schedules.automation import feedback_sensor
 

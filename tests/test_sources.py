@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from llmops_dagster.sources import SourceError, read_source
+from llmops_dagster.dataset.sources import SourceError, read_source
 
 ROWS = [
     {"prompt": "Where is order A10001?", "response": "On its way.", "intent": "order_status"},

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from llmops_dagster.sources import read_source
-from llmops_dagster.validation import (
+from llmops_dagster.dataset.sources import read_source
+from llmops_dagster.dataset.validation import (
     ValidationRules,
     as_text,
     assign_split,
@@ -119,7 +119,7 @@ def test_unreadable_rows_keep_their_original_bytes(tmp_path):
 
 
 def test_prompt_set_records_survive_unicode_line_breaks(tmp_path):
-    from llmops_dagster.prompts import read_records
+    from llmops_dagster.prompts.templates import read_records
 
     path = tmp_path / "train.jsonl"
     records = [{"prompt": "a\u2028b\x85c\x1cd", "completion": "e"}, {"prompt": "f", "completion": "g"}]

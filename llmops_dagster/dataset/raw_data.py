@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from llmops_dagster.sources import SourceError, read_source
-from llmops_dagster.synthetic_data import generate_examples
+from llmops_dagster.dataset.sources import SourceError, read_source
+from llmops_dagster.dataset.synthetic_data import generate_examples
 
 SYNTHETIC = "synthetic"
 

@@ -61,7 +61,7 @@ def paired_bootstrap(candidate: np.ndarray, champion: np.ndarray, samples: int =
 
 def load_eval_records(eval_file: str | Path, max_examples: int) -> list[dict]:
     """The first `max_examples` records of a prompt set's eval.jsonl (its order is fixed)."""
-    from llmops_dagster.prompts import read_records
+    from llmops_dagster.prompts.templates import read_records
 
     return read_records(Path(eval_file))[:max_examples]
 

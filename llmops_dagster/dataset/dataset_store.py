@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import sqlalchemy as sa
 
-from llmops_dagster.validation import ValidationReport
+from llmops_dagster.dataset.validation import ValidationReport
 
 ACCEPTED_FILE = "accepted.parquet"
 

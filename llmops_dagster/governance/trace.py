@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from llmops_dagster.dataset_store import read_accepted
+from llmops_dagster.dataset.dataset_store import read_accepted
 
 
 class TraceError(LookupError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import sqlalchemy as sa
 
-from llmops_dagster.embeddings import vector_literal
+from llmops_dagster.dataset.embeddings import vector_literal
 
 FEEDBACK_INTENT = "feedback_correction"  # intent of examples that come from people's corrections
 

@@ -1,0 +1,1 @@
+"""Data stage: reading sources, the synthetic set, validation, the dataset store, EDA, embeddings."""

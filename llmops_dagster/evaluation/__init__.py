@@ -1,0 +1,1 @@
+"""Evaluation stage: scoring models on the eval split and storing the report."""

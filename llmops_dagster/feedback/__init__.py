@@ -1,0 +1,1 @@
+"""Feedback stage: curating production feedback into training material."""

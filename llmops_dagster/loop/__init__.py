@@ -1,0 +1,1 @@
+"""Closing the loop: what the sensors read from production, and the drift statistic."""

@@ -1,0 +1,1 @@
+"""Prompts stage: versioned templates rendered over a validated dataset."""
