@@ -11,6 +11,7 @@ from llmops_dagster.dataset.raw_data import SYNTHETIC, load_snapshot, snapshot_s
 from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
 from llmops_dagster.feedback import curation
 from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -58,10 +59,10 @@ class ValidatedDatasetConfig(dg.Config):
     max_quarantined_share: float = Field(
         default=0.05, description="The blocking check fails above this share of quarantined rows."
     )
-    max_prompt_tokens: int = Field(default=128, description="Longest accepted prompt (tokens).")
-    max_response_tokens: int = Field(default=256, description="Longest accepted response (tokens).")
-    min_tokens: int = Field(default=1, description="Shortest accepted prompt or response (tokens).")
-    eval_fraction: float = Field(default=0.1, description="Share of prompts in the eval split.")
+    max_prompt_tokens: int = declared(ValidationRules, "max_prompt_tokens")
+    max_response_tokens: int = declared(ValidationRules, "max_response_tokens")
+    min_tokens: int = declared(ValidationRules, "min_tokens")
+    eval_fraction: float = declared(ValidationRules, "eval_fraction")
 
     def rules(self) -> ValidationRules:
         return ValidationRules(

@@ -13,6 +13,7 @@ from assets.training import finetuned_checkpoint
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import policy, registry
 from llmops_dagster.lineage import failed_checks, latest_metadata
+from llmops_dagster.settings import declared
 from resources.database import PostgresResource
 
 MODES = ("automatic", "human")
@@ -23,15 +24,10 @@ BLOCKING_CHECKS = [dg.AssetCheckKey(validated_dataset.key, QUARANTINE_CHECK)]
 class ApprovalConfig(dg.Config):
     mode: str = Field(default="automatic", description="'automatic', or 'human': wait for "
                       "`llmops models approve VERSION` and materialize again.")
-    min_token_f1: float = Field(default=policy.Policy.min_token_f1,
-                                 description="Lowest accepted candidate token F1.")
-    min_exact_match: float = Field(default=policy.Policy.min_exact_match,
-                                    description="Lowest accepted exact-match rate.")
-    max_loss: float = Field(default=policy.Policy.max_loss,
-                             description="Highest accepted eval loss (nats/token).")
-    margin: float = Field(default=policy.Policy.margin, description="The bootstrap 95% lower "
-                          "bound of candidate minus champion token F1 must exceed -margin (a retrain "
-                          "that differs only in seed stays above -0.006: benchmarks/bench_quality.py).")
+    min_token_f1: float = declared(policy.Policy, "min_token_f1")
+    min_exact_match: float = declared(policy.Policy, "min_exact_match")
+    max_loss: float = declared(policy.Policy, "max_loss")
+    margin: float = declared(policy.Policy, "margin")
     approve_version: str = Field(default="", description="Human mode, from the launchpad: the "
                                  "candidate version a person approves (as `llmops models approve`).")
     approver: str = Field(default="", description="Who approves approve_version (required with it).")

@@ -4,18 +4,18 @@ from pathlib import Path
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import Field
 
 from assets.governance import approved_model
 from llmops_dagster.governance import registry
 from llmops_dagster.serving.app import ServingConfig
+from llmops_dagster.settings import declared
 from resources.database import PostgresResource
 from resources.serving import RayServeResource
 
 
 class ServingDeploymentConfig(dg.Config):
-    max_batch_size: int = Field(default=8, description="Requests per @serve.batch call.")
-    batch_wait_timeout_s: float = Field(default=0.005, description="Longest wait to fill a batch (s).")
+    max_batch_size: int = declared(ServingConfig, "max_batch_size")
+    batch_wait_timeout_s: float = declared(ServingConfig, "batch_wait_timeout_s")
 
 
 def serving_config(engine, version: registry.ModelVersion, database_url: str,
@@ -36,7 +36,7 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
                  "base_model_version": version.base_model_version},
         max_batch_size=config.max_batch_size,
         batch_wait_timeout_s=config.batch_wait_timeout_s,
-        seq_len=version.train_config.get("seq_len", 96),
+        seq_len=version.train_config.get("seq_len", ServingConfig.seq_len),
     )
 
 

@@ -9,10 +9,12 @@ from pydantic import Field
 from assets.prompts import prompt_set
 from llmops_dagster.lineage import latest_metadata
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
+from llmops_dagster.settings import declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
+from llmops_dagster.training.base_model import ScratchModelSpec
 from llmops_dagster.training.plots import loss_curve_markdown
-from llmops_dagster.training.train_lora import RunConfig, read_history, write_run_config
+from llmops_dagster.training.run_config import FinetuneSettings, RunConfig, read_history, write_run_config
 from resources.artifacts import ArtifactStore
 from resources.trainer import TrainerResource
 
@@ -25,16 +27,16 @@ class BaseModelConfig(dg.Config):
         description="'scratch' builds a small Llama from the sizes below with a BPE tokenizer "
         "trained on the training split; otherwise a local Hugging Face folder or model id.",
     )
-    vocab_size: int = Field(default=2000, description="BPE vocabulary (tokens).")
-    hidden_size: int = Field(default=128, description="Model width.")
-    intermediate_size: int = Field(default=256, description="MLP width.")
-    num_hidden_layers: int = Field(default=2, description="Transformer blocks.")
-    num_attention_heads: int = Field(default=4, description="Attention heads.")
-    max_position_embeddings: int = Field(default=256, description="Longest sequence (tokens).")
-    seed: int = Field(default=0, description="Seed of the random initialization.")
+    vocab_size: int = declared(ScratchModelSpec, "vocab_size")
+    hidden_size: int = declared(ScratchModelSpec, "hidden_size")
+    intermediate_size: int = declared(ScratchModelSpec, "intermediate_size")
+    num_hidden_layers: int = declared(ScratchModelSpec, "num_hidden_layers")
+    num_attention_heads: int = declared(ScratchModelSpec, "num_attention_heads")
+    max_position_embeddings: int = declared(ScratchModelSpec, "max_position_embeddings")
+    seed: int = declared(ScratchModelSpec, "seed")
 
-    def spec(self) -> base_models.ScratchModelSpec:
-        return base_models.ScratchModelSpec(
+    def spec(self) -> ScratchModelSpec:
+        return ScratchModelSpec(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
@@ -86,26 +88,15 @@ class FinetuneConfig(dg.Config):
     gradient_accumulation_steps: int | None = Field(default=None, description="Override.")
     precision: str | None = Field(default=None, description="Override: fp32, bf16 or fp16.")
     learning_rate: float | None = Field(default=None, description="Override: peak learning rate.")
-    max_steps: int = Field(
-        default=800,
-        description="Optimizer steps. 800 at the default learning rate (3e-3) is where the default "
-        "model learns to copy order numbers from the question (exact match 0.89 at 600 steps).",
-    )
-    checkpoint_every: int = Field(default=200, description="Optimizer steps between checkpoints.")
-    seq_len: int = Field(default=96, description="Tokens per example (truncated, padded).")
-    lora_r: int = Field(default=16, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, description="LoRA scaling numerator (scale = alpha / r).")
-    target_modules: list[str] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Module names that get LoRA adapters.",
-    )
-    modules_to_save: list[str] = Field(
-        default=["lm_head"],
-        description="Modules trained in full beside the adapters. The output layer, because the "
-        "default base model is randomly initialized and its output layer must be learned. Empty "
-        "for a pretrained base.",
-    )
-    seed: int = Field(default=0, description="Seed of LoRA init and batch order.")
+    max_steps: int = declared(FinetuneSettings, "max_steps")
+    checkpoint_every: int = declared(FinetuneSettings, "checkpoint_every")
+    seq_len: int = declared(FinetuneSettings, "seq_len")
+    lora_r: int = declared(FinetuneSettings, "lora_r")
+    lora_alpha: int = declared(FinetuneSettings, "lora_alpha")
+    lora_dropout: float = declared(FinetuneSettings, "lora_dropout")
+    target_modules: list[str] = declared(FinetuneSettings, "target_modules")
+    modules_to_save: list[str] = declared(FinetuneSettings, "modules_to_save")
+    seed: int = declared(FinetuneSettings, "seed")
     peak_tflops: float | None = Field(
         default=None,
         description="Peak dense TFLOP/s of all ranks together (e.g. 989 for one H200 in bf16), "
@@ -152,6 +143,7 @@ def finetuned_checkpoint(
         target_modules=config.target_modules,
         lora_r=config.lora_r,
         lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
         modules_to_save=config.modules_to_save,
         max_steps=config.max_steps,
         seq_len=config.seq_len,

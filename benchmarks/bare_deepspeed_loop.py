@@ -14,7 +14,7 @@ import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llmops_dagster.training.train_lora import encode_examples
+from llmops_dagster.training.examples import encode_examples
 
 
 def main() -> None:

@@ -16,3 +16,20 @@ def llmops_home() -> Path:
 
 def dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or llmops_home() / "dagster_home").resolve()
+
+
+def declared(declaration: type, name: str):
+    """The config field for setting `name` of the dataclass `declaration`, with the default and the
+    description (`metadata["help"]`) declared there: each setting is declared once, in the library,
+    and the Dagster config, the training script's run file and the serving config derive from it."""
+    import dataclasses
+
+    from pydantic import Field
+
+    fields = {f.name: f for f in dataclasses.fields(declaration)}
+    if name not in fields or "help" not in fields[name].metadata:
+        raise KeyError(f"{declaration.__name__}.{name} is not a declared setting (a field with help)")
+    field = fields[name]
+    if field.default_factory is not dataclasses.MISSING:
+        return Field(default_factory=field.default_factory, description=field.metadata["help"])
+    return Field(default=field.default, description=field.metadata["help"])

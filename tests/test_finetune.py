@@ -15,7 +15,8 @@ from assets.prompts import prompt_set
 from assets.training import base_model, finetuned_checkpoint
 from llmops_dagster.training import checkpoints
 from llmops_dagster.training.launch import launch_command
-from llmops_dagster.training.train_lora import FAULT_ENV, read_history
+from llmops_dagster.training.run_config import read_history
+from llmops_dagster.training.train_lora import FAULT_ENV
 from resources.trainer import TrainerResource
 
 TINY_BASE = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128,

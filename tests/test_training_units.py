@@ -7,7 +7,7 @@ import pytest
 
 from llmops_dagster.training import checkpoints, launch
 from llmops_dagster.training.base_model import ScratchModelSpec, build_scratch_model
-from llmops_dagster.training.train_lora import IGNORE_INDEX, BatchOrder, encode_examples
+from llmops_dagster.training.examples import IGNORE_INDEX, BatchOrder, encode_examples
 
 TEXTS = [f"Customer: where is order A{10000 + i}? Assistant: order A{10000 + i} ships today."
          for i in range(200)]

@@ -40,10 +40,11 @@ class ValidationRules:
 
     required_columns: tuple[str, ...] = ("prompt", "response", "intent")
     text_columns: tuple[str, ...] = ("prompt", "response")
-    min_tokens: int = 1
-    max_prompt_tokens: int = 128
-    max_response_tokens: int = 256
-    eval_fraction: float = 0.1  # share of distinct prompts sent to the eval split
+    min_tokens: int = field(default=1, metadata={"help": "Shortest accepted prompt or response (tokens)."})
+    max_prompt_tokens: int = field(default=128, metadata={"help": "Longest accepted prompt (tokens)."})
+    max_response_tokens: int = field(default=256, metadata={"help": "Longest accepted response (tokens)."})
+    eval_fraction: float = field(default=0.1, metadata={
+        "help": "Share of distinct prompts in the eval split (when the source has no split column)."})
 
     def max_tokens(self, column: str) -> int:
         return self.max_prompt_tokens if column == "prompt" else self.max_response_tokens

@@ -99,7 +99,7 @@ def score_model(name: str, path: str, records: list[dict], max_new_tokens: int, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops_dagster.training.train_lora import encode_examples, evaluate_loss
+    from llmops_dagster.training.examples import encode_examples, evaluate_loss
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)

@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 class Policy:
     """Thresholds on the candidate and the margin it may lose to the champion by."""
 
-    min_token_f1: float = 0.5
-    min_exact_match: float = 0.0
-    max_loss: float = 3.0  # nats per answer token on the eval split
-    # Candidate - champion token F1: the bootstrap 95% lower bound must exceed -margin. Retrains of
-    # the default model that differ only in seed reach -0.0054 at worst on 215 eval examples
-    # (benchmarks/bench_quality.py); 0.02 leaves room for smaller eval sets and other machines.
-    margin: float = 0.02
+    min_token_f1: float = field(default=0.5, metadata={"help": "Lowest accepted candidate token F1."})
+    min_exact_match: float = field(default=0.0, metadata={"help": "Lowest accepted exact-match rate."})
+    max_loss: float = field(default=3.0, metadata={
+        "help": "Highest accepted eval loss (nats per answer token)."})
+    # Retrains of the default model that differ only in seed reach -0.0054 at worst on 215 eval
+    # examples (benchmarks/bench_quality.py); 0.02 leaves room for smaller eval sets and other machines.
+    margin: float = field(default=0.02, metadata={
+        "help": "The bootstrap 95% lower bound of candidate minus champion token F1 must exceed "
+        "-margin (a retrain that differs only in seed stays above -0.006: benchmarks/bench_quality.py)."})
 
 
 @dataclass

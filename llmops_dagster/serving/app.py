@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
 from fastapi import FastAPI, HTTPException
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from llmops_dagster.serving.page import PAGE_HTML
+from llmops_dagster.training.run_config import FinetuneSettings
 
 MAX_PROMPT_CHARS = 2000
 MAX_TEXT_CHARS = 4000
@@ -104,9 +105,10 @@ class ServingConfig:
     prompt_template: str  # Jinja text the model was trained with; variable: prompt
     database_url: str
     lineage: dict  # dataset / prompt-set / base-model versions
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.005  # a lone request waits this long for company
-    seq_len: int = 96  # prompt tokens kept (the end of the rendered prompt)
+    max_batch_size: int = field(default=8, metadata={"help": "Requests per @serve.batch call."})
+    batch_wait_timeout_s: float = field(default=0.005, metadata={
+        "help": "Longest wait of a lone request for company in its batch (s)."})
+    seq_len: int = FinetuneSettings.seq_len  # prompt tokens kept: the length the model trained on
 
 
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")

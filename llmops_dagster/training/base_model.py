@@ -8,7 +8,7 @@ real checkpoint goes through.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -22,13 +22,13 @@ class BaseModelError(ValueError):
 class ScratchModelSpec:
     """Sizes of the Llama built from config (defaults: about 0.6M parameters, for 2 CPU cores)."""
 
-    vocab_size: int = 2000  # BPE merges stop here
-    hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    max_position_embeddings: int = 256  # tokens
-    seed: int = 0
+    vocab_size: int = field(default=2000, metadata={"help": "BPE vocabulary (tokens); merges stop here."})
+    hidden_size: int = field(default=128, metadata={"help": "Model width."})
+    intermediate_size: int = field(default=256, metadata={"help": "MLP width."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Transformer blocks."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    max_position_embeddings: int = field(default=256, metadata={"help": "Longest sequence (tokens)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random initialization."})
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):

@@ -27,44 +27,16 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from llmops_dagster.training.examples import BatchOrder, encode_examples, evaluate_loss
+from llmops_dagster.training.run_config import RunConfig, read_history
 
 # Testing hook: a crash at an exact point, which a real fault cannot be made to produce on cue.
 # "kill-at-step:N" (after optimizer step N) or "kill-during-checkpoint:N" (rank 0's shards written,
 # the other ranks' maybe not, no completion marker): rank 0 SIGKILLs the whole launch.
 FAULT_ENV = "LLMOPS_TRAIN_FAULT"
-IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
 METRICS_EVERY = 10  # optimizer steps between reductions of per-step metrics over ranks
-
-
-@dataclass
-class RunConfig:
-    """Everything one training run needs; saved beside its products."""
-
-    base_model: str
-    train_file: str
-    output_dir: str
-    deepspeed_config: dict
-    eval_file: str | None = None
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    modules_to_save: list[str] = field(default_factory=list)  # trained in full beside the adapters
-    max_steps: int = 100  # optimizer steps
-    seq_len: int = 128  # tokens per example after truncation and padding
-    checkpoint_every: int = 25  # optimizer steps between checkpoints
-    seed: int = 0
-    lineage: dict = field(default_factory=dict)  # dataset / prompt-set / base-model versions
-
-    @property
-    def micro_batch(self) -> int:
-        return int(self.deepspeed_config["train_micro_batch_size_per_gpu"])
-
-    @property
-    def grad_accum(self) -> int:
-        return int(self.deepspeed_config.get("gradient_accumulation_steps", 1))
 
 
 class Reporter:
@@ -96,50 +68,6 @@ class Reporter:
 
     def close(self) -> None:
         self._stack.close()
-
-
-def encode_examples(path: str, tokenizer, seq_len: int):
-    """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file."""
-    import torch
-    from datasets import load_dataset
-
-    records = load_dataset("json", data_files=path, split="train")
-    ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    for row, record in enumerate(records):
-        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        answer = (answer + [tokenizer.eos_token_id])[: seq_len // 2]
-        # Too long: drop the start of the prompt (the question and "Assistant:" cue are at its end),
-        # so that every example keeps answer tokens to learn from.
-        prompt = (bos + prompt)[-(seq_len - len(answer)):]
-        tokens = prompt + answer
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        labels[row, len(prompt) : len(tokens)] = torch.tensor(answer)
-    mask = (torch.arange(seq_len)[None, :] < (ids != tokenizer.pad_token_id).sum(1, keepdim=True))
-    return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
-
-
-class BatchOrder:
-    """Which examples each rank sees at each micro-batch: a fresh seeded permutation an epoch, so a
-    resumed run sees exactly the batches the uninterrupted run would have seen."""
-
-    def __init__(self, n_examples: int, micro_batch: int, world_size: int, seed: int):
-        self.n, self.micro, self.world, self.seed = n_examples, micro_batch, world_size, seed
-        self._perms: dict[int, list[int]] = {}
-
-    def _perm(self, epoch: int) -> list[int]:
-        import torch
-
-        if epoch not in self._perms:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=generator).tolist()
-        return self._perms[epoch]
-
-    def indices(self, micro_step: int, rank: int) -> list[int]:
-        start = (micro_step * self.world + rank) * self.micro
-        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.micro)]
 
 
 def _fault() -> tuple[str, int] | None:
@@ -203,22 +131,6 @@ def save_checkpoint(engine, root: Path, step: int, rank: int, reporter: Reporter
         checkpoints.publish(root, step, {"world_size": dist.get_world_size()})
         reporter.log.info(f"checkpoint {checkpoints.tag_for(step)} complete")
     dist.barrier()
-
-
-def evaluate_loss(model, data: dict, batch_size: int = 32) -> float:
-    """Mean token loss of `model` on encoded examples (no gradients)."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(data["input_ids"]), batch_size):
-            batch = {k: v[start : start + batch_size] for k, v in data.items()}
-            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += float(model(**batch).loss) * tokens
-            count += tokens
-    model.train()
-    return total / max(count, 1)
 
 
 def export_products(engine, config: RunConfig, tokenizer, rank: int, reporter: Reporter) -> dict:
@@ -353,16 +265,6 @@ def train(config: RunConfig) -> None:
     reporter.close()
 
 
-def read_history(metrics_path: Path) -> list[dict]:
-    """One record an optimizer step; where a crashed attempt and its resumption both logged a
-    step, the later line wins."""
-    by_step = {}
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["step"]] = record
-    return [by_step[step] for step in sorted(by_step)]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="LoRA fine-tune under DeepSpeed (one rank).")
     parser.add_argument("--config", required=True, help="run file (JSON) written by the launcher")
@@ -370,10 +272,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = RunConfig(**json.loads(Path(args.config).read_text()))
     train(config)
-
-
-def write_run_config(config: RunConfig, path: Path) -> None:
-    path.write_text(json.dumps(asdict(config), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Prompt-set records as training tensors: token ids with the prompt masked out of the loss, the
+order each rank sees them in, and the mean token loss of a model on them."""
+
+from __future__ import annotations
+
+IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
+
+
+def encode_examples(path: str, tokenizer, seq_len: int):
+    """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file."""
+    import torch
+    from datasets import load_dataset
+
+    records = load_dataset("json", data_files=path, split="train")
+    ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for row, record in enumerate(records):
+        prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
+        answer = (answer + [tokenizer.eos_token_id])[: seq_len // 2]
+        # Too long: drop the start of the prompt (the question and "Assistant:" cue are at its end),
+        # so that every example keeps answer tokens to learn from.
+        prompt = (bos + prompt)[-(seq_len - len(answer)):]
+        tokens = prompt + answer
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, len(prompt) : len(tokens)] = torch.tensor(answer)
+    mask = (torch.arange(seq_len)[None, :] < (ids != tokenizer.pad_token_id).sum(1, keepdim=True))
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
+
+
+class BatchOrder:
+    """Which examples each rank sees at each micro-batch: a fresh seeded permutation an epoch, so a
+    resumed run sees exactly the batches the uninterrupted run would have seen."""
+
+    def __init__(self, n_examples: int, micro_batch: int, world_size: int, seed: int):
+        self.n, self.micro, self.world, self.seed = n_examples, micro_batch, world_size, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        import torch
+
+        if epoch not in self._perms:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=generator).tolist()
+        return self._perms[epoch]
+
+    def indices(self, micro_step: int, rank: int) -> list[int]:
+        start = (micro_step * self.world + rank) * self.micro
+        return [self._perm(p // self.n)[p % self.n] for p in range(start, start + self.micro)]
+
+
+def evaluate_loss(model, data: dict, batch_size: int = 32) -> float:
+    """Mean token loss of `model` on encoded examples (no gradients)."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data["input_ids"]), batch_size):
+            batch = {k: v[start : start + batch_size] for k, v in data.items()}
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(model(**batch).loss) * tokens
+            count += tokens
+    model.train()
+    return total / max(count, 1)
