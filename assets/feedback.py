@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from llmops_dagster.feedback import curation
+from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 
@@ -20,7 +21,7 @@ def feedback_table(
     """Feedback since the last curation, joined with its request, labelled and embedded (HNSW);
     corrected answers become candidate training examples for the next validated_dataset."""
     engine = database.engine()
-    rows = curation.new_feedback(engine, config.max_rows)
+    rows = traffic_log.uncurated_feedback(engine, config.max_rows)
     vectors = embedder.embed(rows["prompt"].tolist()) if len(rows) else []
     added = curation.store_curated(engine, rows, vectors)
     counts = curation.counts_by_rating_and_model(engine)

@@ -9,8 +9,10 @@ import json
 
 import dagster as dg
 
+from llmops_dagster.dataset import embeddings
 from llmops_dagster.governance import registry
 from llmops_dagster.loop import drift, signals
+from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
@@ -40,7 +42,7 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     if production is None:
         return dg.SkipReason("no model is in production yet")
     after = int(context.cursor or 0)
-    window = signals.new_negative_feedback(engine, after, production.version)
+    window = traffic_log.new_negative_feedback(engine, after, production.version)
     if window.negative < loop_settings.feedback_threshold:
         return dg.SkipReason(f"{window.negative} new negative ratings on {production.version} since "
                              f"feedback {after}; threshold {loop_settings.feedback_threshold}")
@@ -61,14 +63,14 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
-    prompts, newest = signals.recent_prompts(engine, production.version, loop_settings.drift_window)
+    prompts, newest = traffic_log.recent_prompts(engine, production.version, loop_settings.drift_window)
     if len(prompts) < loop_settings.drift_window:
         return dg.SkipReason(f"{len(prompts)} prompts served by {production.version}; the window "
                              f"is {loop_settings.drift_window}")
     window_key = f"{production.version}@{newest}"
     if context.cursor == window_key:
         return dg.SkipReason(f"window ending {newest} was tested already")
-    reference = signals.reference_embeddings(engine, production.dataset_version,
+    reference = embeddings.reference_embeddings(engine, production.dataset_version,
                                              loop_settings.drift_reference)
     if len(reference) < 2:
         return dg.SkipReason(f"no dataset_embeddings for dataset {production.dataset_version}")
@@ -100,8 +102,8 @@ def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResour
     previous = registry.previous_production(engine)
     if previous is None:
         return dg.SkipReason(f"{production.version} is the first production version")
-    reason = signals.guard_verdict(signals.live_rate(engine, production.version),
-                                signals.live_rate(engine, previous), loop_settings.guard_margin,
+    reason = signals.guard_verdict(traffic_log.live_rate(engine, production.version),
+                                traffic_log.live_rate(engine, previous), loop_settings.guard_margin,
                                 loop_settings.guard_min_ratings)
     if reason is None:
         return dg.SkipReason(f"{production.version} is doing no worse than {previous}")

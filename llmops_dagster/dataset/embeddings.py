@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector  # noqa: F401  (registers the vector type with SQLAlchemy)
@@ -41,3 +43,12 @@ def store_embeddings(engine: sa.Engine, dataset_version: str, row_numbers: list[
     with engine.begin() as connection:
         result = connection.execute(statement, rows)
     return result.rowcount if result.rowcount >= 0 else len(rows)
+
+
+def reference_embeddings(engine: sa.Engine, dataset_version: str, limit: int) -> np.ndarray:
+    """Up to `limit` training-prompt embeddings of a dataset version (a fixed pseudo-random sample)."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.text("SELECT embedding::text FROM dataset_embeddings WHERE dataset_version = :v "
+                    "ORDER BY md5(row_number::text) LIMIT :n"), {"v": dataset_version, "n": limit}).all()
+    return np.array([json.loads(r[0]) for r in rows], dtype=np.float32)

@@ -10,22 +10,6 @@ from llmops_dagster.dataset.embeddings import vector_literal
 FEEDBACK_INTENT = "feedback_correction"  # intent of examples that come from people's corrections
 
 
-def new_feedback(engine: sa.Engine, limit: int) -> pd.DataFrame:
-    """Feedback not yet curated (id above the highest curated one), joined with its request."""
-    with engine.connect() as connection:
-        return pd.read_sql_query(
-            sa.text(
-                "SELECT f.id AS feedback_id, f.response_id, r.model_version, r.prompt, "
-                "r.response AS answer, f.rating, f.correction FROM feedback f "
-                "JOIN request_log r USING (response_id) "
-                "WHERE f.id > (SELECT coalesce(max(feedback_id), 0) FROM curated_feedback) "
-                "ORDER BY f.id LIMIT :limit"
-            ),
-            connection,
-            params={"limit": limit},
-        )
-
-
 def store_curated(engine: sa.Engine, rows: pd.DataFrame, vectors) -> int:
     """Insert curated rows (label from the rating); a row curated before is left alone."""
     records = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from llmops_dagster.dataset.dataset_store import read_accepted
+from llmops_dagster.serving import traffic_log
 
 
 class TraceError(LookupError):
@@ -21,10 +22,10 @@ def _one(connection, sql: str, what: str, **params) -> dict:
 
 def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
     """Every link from a response id back to the dataset rows; `sample_rows` rows are included."""
+    response = traffic_log.served_response(engine, response_id)
+    if response is None:
+        raise TraceError(f"response {response_id!r} not found")
     with engine.connect() as connection:
-        response = _one(connection, "SELECT response_id::text, model_version, prompt, response, "
-                        "created_at FROM request_log WHERE response_id::text = :id",
-                        f"response {response_id!r}", id=response_id)
         model = _one(connection, "SELECT version, stage, approver, checkpoint_path, adapter_path, "
                      "merged_model_path, prompt_set_version, dataset_version, base_model_version, "
                      "eval_report_id FROM model_versions WHERE version = :v",

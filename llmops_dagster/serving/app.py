@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
+from llmops_dagster.serving import traffic_log
 from llmops_dagster.serving.page import PAGE_HTML
 from llmops_dagster.training.run_config import FinetuneSettings
 
@@ -170,8 +171,6 @@ class ModelServer:
     def _answer_and_log(self, batch: list[tuple[GenerateRequest, float]]) -> list[tuple[str, str, float]]:
         """Answer a batch and write its request-log rows in one transaction (one round trip a
         batch, not a request); returns (response id, text, latency ms) in order."""
-        import sqlalchemy as sa
-
         requests = [request for request, _ in batch]
         texts = self._answer([r.prompt for r in requests], [r.max_new_tokens for r in requests])
         finished = time.perf_counter()
@@ -179,11 +178,7 @@ class ModelServer:
                  "response": text, "max_new_tokens": r.max_new_tokens,
                  "latency": (finished - started) * 1000}
                 for (r, started), text in zip(batch, texts, strict=True)]
-        with self.engine.begin() as connection:
-            connection.execute(
-                sa.text("INSERT INTO request_log (response_id, model_version, prompt, response, "
-                        "max_new_tokens, latency_ms) VALUES (:id, :version, :prompt, :response, "
-                        ":max_new_tokens, :latency)"), rows)
+        traffic_log.log_requests(self.engine, rows)
         return [(row["id"], row["response"], row["latency"]) for row in rows]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
@@ -197,27 +192,8 @@ class ModelServer:
                                 model_version=self.config.model_version, latency_ms=latency_ms)
 
     def _store_feedback(self, feedback: FeedbackRequest) -> dict:
-        import sqlalchemy as sa
-
-        with self.engine.begin() as connection:
-            known = connection.execute(
-                sa.text("SELECT 1 FROM request_log WHERE response_id = :id"),
-                {"id": str(feedback.response_id)}).scalar()
-            if not known:
-                return {}
-            row = connection.execute(
-                sa.text("INSERT INTO feedback (response_id, client_id, rating, correction, comment) "
-                        "VALUES (:id, :client, :rating, :correction, :comment) "
-                        "ON CONFLICT (response_id, client_id) DO NOTHING RETURNING id"),
-                {"id": str(feedback.response_id), "client": feedback.client_id,
-                 "rating": feedback.rating, "correction": feedback.correction,
-                 "comment": feedback.comment}).scalar()
-            if row is not None:
-                return {"feedback_id": row, "status": "recorded"}
-            existing = connection.execute(
-                sa.text("SELECT id FROM feedback WHERE response_id = :id AND client_id = :client"),
-                {"id": str(feedback.response_id), "client": feedback.client_id}).scalar_one()
-            return {"feedback_id": existing, "status": "already recorded"}
+        return traffic_log.store_feedback(self.engine, str(feedback.response_id), feedback.client_id,
+                                          feedback.rating, feedback.correction, feedback.comment)
 
     @api.post("/v1/feedback")
     async def feedback(self, feedback: FeedbackRequest) -> dict:
