@@ -10,7 +10,7 @@ from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_snapshot, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
 from llmops_dagster.feedback import curation
-from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.lineage import latest_metadata, stage_definition
 from llmops_dagster.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -29,7 +29,7 @@ class RawExamplesConfig(dg.Config):
     seed: int = Field(default=7, description="Seed of the synthetic set.")
 
 
-@dg.asset(group_name="dataset", kinds={"pandas"})
+@dg.asset(**stage_definition("dataset"), kinds={"pandas"})
 def raw_examples(config: RawExamplesConfig, artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Raw instruction examples: a byte-exact snapshot of the configured source, with an EDA profile."""
     snapshot = {}
@@ -74,7 +74,7 @@ class ValidatedDatasetConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="dataset",
+    **stage_definition("dataset"),
     deps=[raw_examples, feedback_table],
     kinds={"great_expectations", "postgres"},
     check_specs=[
@@ -140,7 +140,7 @@ def validated_dataset(
     )
 
 
-@dg.asset(group_name="dataset", deps=[validated_dataset], kinds={"pgvector"})
+@dg.asset(**stage_definition("dataset"), deps=[validated_dataset], kinds={"pgvector"})
 def dataset_embeddings(
     context: dg.AssetExecutionContext,
     database: PostgresResource,

@@ -9,7 +9,12 @@ from pydantic import Field
 from assets.training import finetuned_checkpoint
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import registry
-from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.lineage import (
+    eval_report_version,
+    latest_metadata,
+    lineage_metadata,
+    stage_definition,
+)
 from resources.database import PostgresResource
 
 
@@ -20,7 +25,7 @@ class EvalConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the bootstrap.")
 
 
-@dg.asset(group_name="evaluation", deps=[finetuned_checkpoint], kinds={"pytorch", "postgres"})
+@dg.asset(**stage_definition("evaluation"), deps=[finetuned_checkpoint], kinds={"pytorch", "postgres"})
 def eval_report(
     context: dg.AssetExecutionContext, config: EvalConfig, database: PostgresResource
 ) -> dg.MaterializeResult:
@@ -49,8 +54,15 @@ def eval_report(
     )
     metrics, slices = report.metrics(), report.slices()
     comparison = report.comparison or {}
+    upstream = {"finetuned_checkpoint": candidate["version"],
+                "base_model": candidate["base_model_version"],
+                "prompt_set": candidate["prompt_set_version"],
+                "validated_dataset": candidate["dataset_version"]}
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(eval_report_version(report_id)),
+        tags={"llmops/model_version": candidate["version"]},
         metadata={
+            **lineage_metadata(context.instance, upstream),
             "report_id": report_id,
             "candidate_version": candidate["version"],
             "champion_version": champion_label,

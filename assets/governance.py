@@ -12,7 +12,13 @@ from assets.evaluation import eval_report
 from assets.training import finetuned_checkpoint
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import policy, registry
-from llmops_dagster.lineage import failed_checks, latest_metadata
+from llmops_dagster.lineage import (
+    failed_checks,
+    latest_metadata,
+    lineage_metadata,
+    model_lineage_versions,
+    stage_definition,
+)
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
 
@@ -37,7 +43,7 @@ class ApprovalConfig(dg.Config):
                                  max_loss=self.max_loss, margin=self.margin)
 
 
-@dg.asset(group_name="governance", deps=[eval_report, finetuned_checkpoint], kinds={"postgres"})
+@dg.asset(**stage_definition("governance"), deps=[eval_report, finetuned_checkpoint], kinds={"postgres"})
 def approved_model(
     context: dg.AssetExecutionContext, config: ApprovalConfig, database: PostgresResource
 ) -> dg.MaterializeResult:
@@ -93,7 +99,11 @@ def approved_model(
                              for v in registry.list_versions(engine)[:10]])
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version),
+        tags={"llmops/model_version": version.version},
         metadata={
+            **lineage_metadata(context.instance, {
+                k: v for k, v in model_lineage_versions(engine, version).items()
+                if k != "approved_model"}),
             "version": version.version,
             "stage": version.stage,
             "approver": version.approver or "-",

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
-from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.lineage import latest_metadata, stage_definition
 from llmops_dagster.prompts import templates
 from llmops_dagster.settings import PROMPTS_DIR
 from resources.artifacts import ArtifactStore
@@ -22,7 +22,7 @@ class PromptSetConfig(dg.Config):
     prompts_dir: str = Field(default="", description="Template folder; empty means prompts/.")
 
 
-@dg.asset(group_name="prompts", deps=[validated_dataset], kinds={"jinja"})
+@dg.asset(**stage_definition("prompts"), deps=[validated_dataset], kinds={"jinja"})
 def prompt_set(
     context: dg.AssetExecutionContext,
     config: PromptSetConfig,

@@ -7,6 +7,7 @@ import sqlalchemy as sa
 
 from assets.governance import approved_model
 from llmops_dagster.governance import registry
+from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
 from llmops_dagster.serving.app import ServingConfig
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
@@ -40,7 +41,7 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
     )
 
 
-@dg.asset(group_name="serving", deps=[approved_model], kinds={"ray", "fastapi"})
+@dg.asset(**stage_definition("serving"), deps=[approved_model], kinds={"ray", "fastapi"})
 def serving_deployment(
     context: dg.AssetExecutionContext, config: ServingDeploymentConfig,
     database: PostgresResource, ray_serve: RayServeResource,
@@ -54,7 +55,9 @@ def serving_deployment(
     context.log.info(f"model {version.version} is served at {url}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version),
+        tags={"llmops/model_version": version.version},
         metadata={
+            **lineage_metadata(context.instance, model_lineage_versions(engine, version)),
             "url": dg.MetadataValue.url(url),
             "model_version": version.version,
             "replicas": ray_serve.replicas,
@@ -62,9 +65,5 @@ def serving_deployment(
             "endpoints": dg.MetadataValue.md(
                 "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
                 "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |"),
-            "lineage": dg.MetadataValue.json({
-                "dataset_version": version.dataset_version,
-                "prompt_set_version": version.prompt_set_version,
-                "base_model_version": version.base_model_version}),
         },
     )

@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.prompts import prompt_set
-from llmops_dagster.lineage import latest_metadata
+from llmops_dagster.lineage import latest_metadata, lineage_metadata, stage_definition
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
 from llmops_dagster.settings import declared
 from llmops_dagster.training import base_model as base_models
@@ -44,7 +44,7 @@ class BaseModelConfig(dg.Config):
         )
 
 
-@dg.asset(group_name="fine_tuning", deps=[prompt_set], kinds={"transformers"})
+@dg.asset(**stage_definition("training"), deps=[prompt_set], kinds={"transformers"})
 def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
@@ -111,7 +111,7 @@ class FinetuneConfig(dg.Config):
         )
 
 
-@dg.asset(group_name="fine_tuning", deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"})
+@dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"})
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,
@@ -167,7 +167,11 @@ def finetuned_checkpoint(
     mfu = achieved_tflops / config.peak_tflops if config.peak_tflops else None
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
+        tags={"llmops/model_version": version},
         metadata={
+            **lineage_metadata(context.instance, {
+                "base_model": base["version"], "prompt_set": prompts["version"],
+                "validated_dataset": prompts["dataset_version"]}),
             "version": version,
             **lineage,
             "path": dg.MetadataValue.path(str(output)),

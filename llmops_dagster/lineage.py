@@ -1,8 +1,24 @@
-"""Finding the product an upstream asset last materialized (its version, path and counts)."""
+"""Lineage in the Dagster instance: the product an upstream asset last materialized, the exact
+materialization that carries a given data version, links to it in the Dagster UI, and the code
+version of each lifecycle stage.
+
+Every product's data version is its content hash (dataset, prompt set, base model, fine-tune) or its
+registry id (eval report), so the registry's lineage columns name upstream materializations exactly:
+`materialization_links` turns them into links an analyst clicks in the UI.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+from urllib.parse import quote
+
 import dagster as dg
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_VERSION_TAG = "dagster/data_version"
+# Materializations searched for a data version, newest first: enough for months of nightly retrains.
+SEARCH_LIMIT = 1000
 
 
 def latest_metadata(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
@@ -30,3 +46,104 @@ def failed_checks(context: dg.AssetExecutionContext, checks: list[dg.AssetCheckK
             status = "never ran" if record is None else record.status.value.lower()
             failed.append(f"{key.asset_key.to_user_string()}:{key.name} ({status})")
     return failed
+
+
+def find_materialization(instance: dg.DagsterInstance, asset: str, data_version: str):
+    """The newest materialization of `asset` whose data version is `data_version`, or None."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=SEARCH_LIMIT).records
+    for record in records:
+        materialization = record.asset_materialization
+        if materialization is not None and materialization.tags.get(DATA_VERSION_TAG) == data_version:
+            return record
+    return None
+
+
+def event_path(asset: str, timestamp_s: float) -> str:
+    """Path of one materialization in the Dagster UI: the asset's events tab at that event."""
+    return f"/assets/{quote(asset)}?view=events&time={int(round(timestamp_s * 1000))}"
+
+
+def materialization_links(instance: dg.DagsterInstance, versions: dict[str, str],
+                          base_url: str = "") -> dict[str, dict]:
+    """For each asset -> data version: the run and a UI link of the materialization that made it
+    ({} values where this instance never materialized that version)."""
+    links = {}
+    for asset, version in versions.items():
+        record = find_materialization(instance, asset, version)
+        links[asset] = {} if record is None else {
+            "data_version": version, "run_id": record.run_id, "timestamp": record.timestamp,
+            "url": base_url.rstrip("/") + event_path(asset, record.timestamp),
+            "run_url": f"{base_url.rstrip('/')}/runs/{record.run_id}",
+        }
+    return links
+
+
+def lineage_metadata(instance: dg.DagsterInstance, versions: dict[str, str]) -> dict:
+    """Metadata entries "upstream/<asset>": a link to the exact materialization of each upstream
+    product (relative to the UI, so it works wherever the webserver is served), and a table."""
+    links = materialization_links(instance, versions)
+    metadata: dict = {}
+    rows = ["| product | data version | run |", "|---|---|---|"]
+    for asset, link in links.items():
+        if link:
+            metadata[f"upstream/{asset}"] = dg.MetadataValue.url(link["url"])
+            rows.append(f"| [{asset}]({link['url']}) | `{link['data_version']}` | "
+                        f"[{link['run_id'][:8]}]({link['run_url']}) |")
+        else:
+            rows.append(f"| {asset} | `{versions[asset]}` | not materialized in this instance |")
+    metadata["lineage"] = dg.MetadataValue.md("\n".join(rows))
+    return metadata
+
+
+def model_lineage_versions(engine, model) -> dict[str, str]:
+    """Data versions of every product behind a registered model version, from the registry and the
+    dataset table: the served answer's whole chain back to the raw snapshot."""
+    import sqlalchemy as sa
+
+    with engine.connect() as connection:
+        input_hash = connection.execute(
+            sa.text("SELECT input_hash FROM dataset_versions WHERE version = :v"),
+            {"v": model.dataset_version}).scalar()
+    versions = {"approved_model": model.version, "finetuned_checkpoint": model.version}
+    if model.eval_report_id is not None:
+        versions["eval_report"] = eval_report_version(model.eval_report_id)
+    versions.update({"base_model": model.base_model_version, "prompt_set": model.prompt_set_version,
+                     "validated_dataset": model.dataset_version})
+    if input_hash:
+        versions["raw_examples"] = input_hash
+    return versions
+
+
+def eval_report_version(report_id: int) -> str:
+    """Data version of an eval report: its id in the eval_reports table."""
+    return f"report-{report_id}"
+
+
+def stage_code_version(stage: str) -> str:
+    """Code version of a lifecycle stage: a hash of its asset module and its library folder, so
+    the UI marks an asset's product stale exactly when the code that makes it changed."""
+    sources = [REPO_ROOT / "assets" / f"{stage}.py",
+               *sorted((REPO_ROOT / "llmops_dagster" / stage).glob("*.py"))]
+    digest = hashlib.sha256()
+    for path in sources:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+# Asset module -> its group in the UI and the team that owns its products.
+STAGES = {
+    "dataset": ("dataset", "team:data"),
+    "prompts": ("prompts", "team:data"),
+    "training": ("fine_tuning", "team:ml-engineering"),
+    "evaluation": ("evaluation", "team:ml-engineering"),
+    "governance": ("governance", "team:ml-governance"),
+    "serving": ("serving", "team:ml-platform"),
+    "feedback": ("feedback", "team:ml-platform"),
+}
+
+
+def stage_definition(stage: str) -> dict:
+    """The @dg.asset arguments every asset of a stage shares: group, owner, code version, tags."""
+    group, owner = STAGES[stage]
+    return {"group_name": group, "owners": [owner], "code_version": stage_code_version(stage),
+            "tags": {"llmops/stage": group}}

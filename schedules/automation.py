@@ -9,9 +9,8 @@ import json
 
 import dagster as dg
 
-from llmops_dagster.dataset import embeddings
 from llmops_dagster.governance import registry
-from llmops_dagster.loop import drift, signals
+from llmops_dagster.loop import signals
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -63,25 +62,17 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
-    prompts, newest = traffic_log.recent_prompts(engine, production.version, loop_settings.drift_window)
-    if len(prompts) < loop_settings.drift_window:
-        return dg.SkipReason(f"{len(prompts)} prompts served by {production.version}; the window "
-                             f"is {loop_settings.drift_window}")
-    window_key = f"{production.version}@{newest}"
-    if context.cursor == window_key:
-        return dg.SkipReason(f"window ending {newest} was tested already")
-    reference = embeddings.reference_embeddings(engine, production.dataset_version,
-                                             loop_settings.drift_reference)
-    if len(reference) < 2:
-        return dg.SkipReason(f"no dataset_embeddings for dataset {production.dataset_version}")
-    result = drift.drift_test(embedder.embed(prompts), reference, alpha=loop_settings.drift_alpha,
-                              permutations=loop_settings.drift_permutations)
+    check = signals.check_production_drift(
+        engine, embedder.embed, production, loop_settings.drift_window, loop_settings.drift_reference,
+        loop_settings.drift_alpha, loop_settings.drift_permutations, tested_window=context.cursor)
+    if check.result is None:
+        return dg.SkipReason(check.reason)
+    result, window_key = check.result, check.window_key
     context.update_cursor(window_key)
     context.log.info(f"drift statistic {result.statistic:.5f}, threshold {result.threshold:.5f}, "
                      f"p {result.p_value:.3f} ({result.recent} recent vs {result.reference} reference)")
     if not result.drifted:
-        return dg.SkipReason(f"no drift: statistic {result.statistic:.5f} <= threshold "
-                             f"{result.threshold:.5f} (p {result.p_value:.3f})")
+        return dg.SkipReason(check.reason)
     return dg.RunRequest(
         run_key=f"drift-{window_key}",
         tags={"llmops/trigger": "drift", "llmops/drift": json.dumps(

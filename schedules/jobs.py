@@ -2,12 +2,15 @@
 
 import dagster as dg
 
+# Products a person (or a sensor's own test) asks for, not part of a lifecycle path.
+ON_DEMAND = dg.AssetSelection.assets("production_drift")
+
 # The main job: every lifecycle product, from raw examples to the served model.
 main_job = dg.define_asset_job(
     "main",
     selection=dg.AssetSelection.groups(
         "feedback", "dataset", "prompts", "fine_tuning", "evaluation", "governance", "serving"
-    ),
+    ) - ON_DEMAND,
     description="The whole lifecycle on the configured data: dataset, prompt set, embeddings, "
     "base model, fine-tune, eval report, approved model, serving deployment.",
 )
@@ -16,7 +19,7 @@ main_job = dg.define_asset_job(
 # of it through serving_deployment (raw_examples is unchanged, so it is not rerun).
 retrain_job = dg.define_asset_job(
     "retrain",
-    selection=dg.AssetSelection.assets("feedback_table").downstream(),
+    selection=dg.AssetSelection.assets("feedback_table").downstream() - ON_DEMAND,
     description="Curate feedback, revalidate, retrain, re-evaluate, re-approve and redeploy.",
 )
 

@@ -29,6 +29,27 @@ def test_definitions_load():
     assert "raw_examples" not in retrain
 
 
+def test_every_asset_has_a_code_version_an_owner_a_stage_and_a_description():
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        name = key.to_user_string()
+        assert node.code_version, f"{name} has no code version"
+        assert node.owners and all(o.startswith("team:") for o in node.owners), name
+        assert node.tags.get("llmops/stage") == node.group_name, name
+        assert node.description and len(node.description) > 30, f"{name} says too little of itself"
+
+
+def test_the_loop_is_visible_in_the_graph():
+    """Production traffic (observed) feeds feedback_table; drift depends on both ends it compares."""
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert graph.get(dg.AssetKey("production_traffic")).is_observable
+    assert "production_traffic" in parents["feedback_table"]
+    assert {"production_traffic", "dataset_embeddings"} <= parents["production_drift"]
+
+
 def graphql(port: int, query: str) -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/graphql",

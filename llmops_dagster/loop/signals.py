@@ -1,9 +1,47 @@
-"""What the sensors decide from production signals: the post-deployment guard's verdict.
-The rows they read come from llmops_dagster/serving/traffic_log.py."""
+"""What the loop decides from production signals: drift of the production model's recent prompts
+from its training prompts, and the post-deployment guard's verdict. The rows come from
+llmops_dagster/serving/traffic_log.py and the reference embeddings from dataset/embeddings.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmops_dagster.dataset import embeddings
+from llmops_dagster.loop.drift import DriftResult, drift_test
+from llmops_dagster.serving import traffic_log
 from llmops_dagster.serving.traffic_log import LiveRate
+
+
+@dataclass(frozen=True)
+class DriftCheck:
+    """One drift test of the newest window, or why there was none (`result` None)."""
+
+    window_key: str | None  # model version @ newest prompt's time: names the window tested
+    result: DriftResult | None
+    reason: str
+
+
+def check_production_drift(engine, embed: Callable, production, window: int, reference_size: int,
+                           alpha: float, permutations: int, tested_window: str | None = None
+                           ) -> DriftCheck:
+    """Test the newest `window` prompts served by `production` against up to `reference_size`
+    training-prompt embeddings of its dataset; skip a window already tested (`tested_window`)."""
+    prompts, newest = traffic_log.recent_prompts(engine, production.version, window)
+    if len(prompts) < window:
+        return DriftCheck(None, None, f"{len(prompts)} prompts served by {production.version}; "
+                                      f"the window is {window}")
+    window_key = f"{production.version}@{newest}"
+    if window_key == tested_window:
+        return DriftCheck(window_key, None, f"window ending {newest} was tested already")
+    reference = embeddings.reference_embeddings(engine, production.dataset_version, reference_size)
+    if len(reference) < 2:
+        return DriftCheck(window_key, None,
+                          f"no dataset_embeddings for dataset {production.dataset_version}")
+    result = drift_test(embed(prompts), reference, alpha=alpha, permutations=permutations)
+    verdict = "drift" if result.drifted else "no drift"
+    return DriftCheck(window_key, result, f"{verdict}: statistic {result.statistic:.5f} vs threshold "
+                                          f"{result.threshold:.5f} (p {result.p_value:.3f})")
 
 
 def guard_verdict(new: LiveRate, previous: LiveRate, margin: float, min_ratings: int) -> str | None:
