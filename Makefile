@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(LLMOPS_HOME)/dagster_home
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test browser bench ui lint db-stop clean
+.PHONY: run test browser bench ui lint db-stop serve-stop clean
 
 # One pip command resolves the whole pinned stack (torch==2.13.0 is the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -36,8 +36,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sensors.py
 	$(BIN)/python benchmarks/bench_quality.py
 
+# dagster dev in a process group of its own: stops on Ctrl-C and SIGTERM, also started with `&` or nohup.
 ui: $(STAMP)
-	eval "$$($(BIN)/llmops env)" && $(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/llmops ui
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -45,5 +46,9 @@ lint: $(STAMP)
 db-stop: $(STAMP)
 	$(BIN)/llmops db stop
 
-clean: db-stop
+serve-stop: $(STAMP)
+	$(BIN)/llmops serve stop
+
+# Ray's replicas use the database: stop them before the server.
+clean: serve-stop db-stop
 	rm -rf $(LLMOPS_HOME)

@@ -3,6 +3,8 @@
     llmops run                   materialize the main job into the PostgreSQL-backed instance
     llmops env                   print the environment `dagster dev` needs (for `eval`)
     llmops db start|stop|url     the embedded server (start is implied by every other command)
+    llmops serve stop|status     the local Ray head that serving starts (not a cluster given by address)
+    llmops ui [--port N]         `dagster dev` (webserver and daemon) that stops on Ctrl-C and SIGTERM
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
     llmops trace RESPONSE_ID     a served answer back to its model, prompt set, dataset and rows
     llmops models list           registered model versions, newest first
@@ -60,6 +62,30 @@ def cmd_db(args: argparse.Namespace) -> int:
     resource.engine()  # migrated
     print(url if args.action == "url" else f"PostgreSQL ready at {url}")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from llmops_dagster.serving import ray_cluster
+    from resources.serving import RayServeResource
+
+    resource = RayServeResource() if args.port is None else RayServeResource(local_port=args.port)
+    where = f"127.0.0.1:{resource.local_port}"
+    if args.action == "status":
+        processes = ray_cluster.local_head_processes(resource.local_temp_dir(), resource.local_port)
+        print(f"local Ray head running at {where} ({len(processes)} processes, temp dir "
+              f"{resource.local_temp_dir()})" if processes else f"no local Ray head is running ({where})")
+        return 0
+    stopped = resource.stop_local()
+    print(f"local Ray head stopped ({stopped} processes at {where})" if stopped
+          else "no local Ray head was running")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from llmops_dagster.ui import run_dagster_dev
+
+    _prepare_instance_env()
+    return run_dagster_dev(dict(os.environ), host=args.host, port=args.port)
 
 
 # Markdown tables worth reading in a terminal: the eval table, the policy decision, the registry.
@@ -283,6 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     db = commands.add_parser("db", help="the platform database")
     db.add_argument("action", choices=["start", "stop", "url"])
     db.set_defaults(handler=cmd_db)
+    serve = commands.add_parser("serve", help="the local Ray head serving runs on")
+    serve.add_argument("action", choices=["stop", "status"])
+    serve.add_argument("--port", type=int, help="GCS port of the local head (default 6390)")
+    serve.set_defaults(handler=cmd_serve)
+    ui = commands.add_parser("ui", help="dagster dev that stops on SIGTERM and SIGINT")
+    ui.add_argument("--host", default="127.0.0.1", help="where the webserver listens")
+    ui.add_argument("--port", type=int, default=3000, help="port of the webserver")
+    ui.set_defaults(handler=cmd_ui)
     quarantine = commands.add_parser("quarantine", help="newest quarantined rows")
     quarantine.add_argument("-n", type=int, default=20)
     quarantine.set_defaults(handler=cmd_quarantine)

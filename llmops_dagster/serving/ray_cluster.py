@@ -54,10 +54,9 @@ def client_server_port(gcs_port: int) -> int:
     return 9101 + (gcs_port - LOCAL_PORT)  # below Ray's worker ports (10002-19999)
 
 
-def stop_local_head(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> int:
-    """Stop the local head started in `temp_dir` (its processes name that folder, its client
-    server its port); other Ray clusters on the machine are left alone. Returns how many processes
-    were stopped."""
+def local_head_processes(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> list:
+    """The psutil processes of the local head started in `temp_dir` (its processes name that folder,
+    its client server its port); other Ray clusters on the machine are not among them."""
     import psutil
 
     client = f"--port={client_server_port(gcs_port)}"
@@ -67,6 +66,15 @@ def stop_local_head(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> int:
             cmdline = " ".join(process.info["cmdline"] or [])
             if str(temp_dir) in cmdline or ("ray.util.client.server" in cmdline and client in cmdline):
                 mine.append(process)
+    return mine
+
+
+def stop_local_head(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> int:
+    """Stop the local head started in `temp_dir`, leaving other Ray clusters on the machine alone.
+    Returns how many processes were stopped."""
+    import psutil
+
+    mine = local_head_processes(temp_dir, gcs_port)
     for process in mine:
         with contextlib.suppress(psutil.Error):
             process.terminate()

@@ -1,0 +1,108 @@
+"""Services stop cleanly: `llmops ui` started in the background (SIGINT ignored, as a shell's `&` does)
+stops with its webserver, daemon and code server on SIGTERM; `llmops serve stop` with no local Ray head.
+
+Touches: a real `dagster dev` on a free port, its instance in a database of its own on the session's
+embedded PostgreSQL (nothing under the developer's .llmops); no Ray head is started here.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+
+from llmops_dagster import database
+from llmops_dagster.training.launch import free_port
+
+LLMOPS = str(Path(sys.executable).parent / "llmops")
+START_TIMEOUT_S = 240  # the webserver takes 20-60 s to start on a 2-core machine, more under load
+STOP_TIMEOUT_S = 60
+
+
+def _answers(port: int) -> bool:
+    """Whether the webserver answers HTTP (any status) on 127.0.0.1:`port`."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _alive(process: psutil.Process) -> bool:
+    """Running and not a zombie (the same process: psutil compares its start time)."""
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _group(pgid: int) -> list[psutil.Process]:
+    """Live processes of process group `pgid`."""
+    members = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getpgid(process.pid) == pgid and _alive(process):
+                members.append(process)
+    return members
+
+
+def _log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+
+def test_ui_in_the_background_stops_on_sigterm(fresh_database, platform_db, tmp_path):
+    # The Dagster instance in a database of its own; the platform database is fresh_database's.
+    dagster_url = database.ensure_database(platform_db.admin_url(), f"ui_{uuid.uuid4().hex[:12]}")
+    env = {**os.environ, "LLMOPS_HOME": str(tmp_path / "home"),
+           "DAGSTER_HOME": str(tmp_path / "dagster_home"), "LLMOPS_DAGSTER_DATABASE_URL": dagster_url}
+    port = free_port()
+    log = tmp_path / "ui.log"
+    with open(log, "wb") as output:
+        # A group of its own (so that the group check below does not see pytest), SIGINT ignored.
+        ui = subprocess.Popen([LLMOPS, "ui", "--port", str(port)], env=env, stdin=subprocess.DEVNULL,
+                              stdout=output, stderr=subprocess.STDOUT, process_group=0,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    descendants: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _answers(port):
+            assert ui.poll() is None, f"llmops ui exited with {ui.returncode}:\n{_log_tail(log)}"
+            assert time.monotonic() < deadline, f"no webserver within {START_TIMEOUT_S} s:\n{_log_tail(log)}"
+            time.sleep(1)
+        descendants = psutil.Process(ui.pid).children(recursive=True)
+        commands = [" ".join(process.cmdline()) for process in descendants]
+        assert any("dagster_webserver" in c for c in commands), commands
+        assert any("dagster._daemon" in c for c in commands), commands
+        groups = {ui.pid} | {os.getpgid(process.pid) for process in descendants}
+
+        started = time.monotonic()
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=STOP_TIMEOUT_S)
+        print(f"llmops ui stopped in {time.monotonic() - started:.1f} s with exit status {ui.returncode}")
+        assert ui.returncode == 0, _log_tail(log)  # dagster dev's own graceful shutdown, not SIGKILL
+        assert not [p for p in descendants if _alive(p)], _log_tail(log)
+        assert not [p for pgid in groups for p in _group(pgid)], _log_tail(log)
+    finally:  # kills only when an assertion above failed
+        for process in [*descendants, psutil.Process(ui.pid)] if ui.poll() is None else descendants:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        ui.wait()
+
+
+# Not 6390 nor the suite's 6391: `serve stop` also matches a head's client server by port.
+UNUSED_RAY_PORT = 6399
+
+
+def test_serve_stop_without_a_head(tmp_path):
+    result = subprocess.run([LLMOPS, "serve", "stop", "--port", str(UNUSED_RAY_PORT)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "LLMOPS_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no local Ray head was running"
