@@ -6,7 +6,8 @@
     llmops serve stop|status     the local Ray head that serving starts (not a cluster given by address)
     llmops ui [--port N]         `dagster dev` (webserver and daemon) that stops on Ctrl-C and SIGTERM
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
-    llmops trace RESPONSE_ID     a served answer back to its model, prompt set, dataset and rows
+    llmops trace RESPONSE_ID [--html FILE]   a served answer back to its model, prompt set, dataset
+                                 and rows; --html also writes it as a page linked to the Dagster UI
     llmops models list           registered model versions, newest first
     llmops models show VERSION   one version's fields and its audit log
     llmops models approve VERSION [--by NAME] [--reason TEXT]   promote it to production
@@ -136,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if served and not args.no_traffic:
         response_id = _sample_traffic(served[-1].metadata["url"].value)
         print("\n== llmops trace " + response_id + " ==")
-        return cmd_trace(argparse.Namespace(response_id=response_id, rows=5))
+        return cmd_trace(argparse.Namespace(response_id=response_id, rows=5, html="", ui_url=""))
     return 0
 
 
@@ -269,6 +270,26 @@ def _add_models_parser(commands) -> None:
     rollback.set_defaults(action=_models_rollback)
 
 
+def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
+    """The trace as an HTML page whose products link to their materializations in the Dagster UI."""
+    import types
+    from pathlib import Path
+
+    import dagster as dg
+
+    from llmops_dagster.governance.trace import trace_html
+    from llmops_dagster.lineage import materialization_links, model_lineage_versions
+
+    _prepare_instance_env()
+    model = types.SimpleNamespace(**chain["model_version"])
+    versions = model_lineage_versions(_database().engine(), model)
+    versions["serving_deployment"] = model.version
+    with dg.DagsterInstance.get() as instance:
+        links = materialization_links(instance, versions, base_url=ui_url)
+    Path(path).write_text(trace_html(chain, links), encoding="utf-8")
+    print(f"trace page written to {path}")
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     from llmops_dagster.governance.trace import TraceError, trace
 
@@ -277,6 +298,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except TraceError as error:
         print(f"trace: {error}", file=sys.stderr)
         return 2
+    if args.html:
+        _write_trace_page(chain, args.html, args.ui_url)
     response, model = chain["response"], chain["model_version"]
     prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
     print(f"response      {response['response_id']} at {response['created_at']:%Y-%m-%d %H:%M:%S}")
@@ -324,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
     trace.add_argument("response_id")
     trace.add_argument("--rows", type=int, default=5, help="source rows to show")
+    trace.add_argument("--html", default="", help="also write the trace as an HTML page to this file")
+    trace.add_argument("--ui-url", default=os.environ.get("LLMOPS_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
+                       help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL or make ui's)")
     trace.set_defaults(handler=cmd_trace)
     args = parser.parse_args(argv)
     return args.handler(args)

@@ -112,8 +112,9 @@ def ray_serve(llmops_home):
 def served_template(platform_db, llmops_home):
     """The default model, trained, evaluated and approved once a session in a template database.
 
-    Tests never write to it: `served_model` copies it (CREATE DATABASE ... TEMPLATE) for each test.
-    Its products live under a session artifact root that later tests only read (write-once folders).
+    Tests never write to it: `served_model` copies it (CREATE DATABASE ... TEMPLATE) for each test,
+    and a test that needs its Dagster runs copies its instance folder. Its products live under a
+    session artifact root that later tests only read (write-once folders).
     """
     from assets.dataset import raw_examples, validated_dataset
     from assets.evaluation import eval_report
@@ -127,7 +128,10 @@ def served_template(platform_db, llmops_home):
     from resources.trainer import TrainerResource
 
     url = database.ensure_database(platform_db.admin_url(), SERVED_TEMPLATE_DATABASE)
-    with pytest.MonkeyPatch.context() as patch, dg.instance_for_test() as instance:
+    dagster_home = llmops_home / "served-template-dagster"  # its runs, copied by tests that need them
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with pytest.MonkeyPatch.context() as patch, dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         patch.setenv("LLMOPS_DATABASE_URL", url)
         resources = {
             "database": PostgresResource(),
@@ -144,15 +148,32 @@ def served_template(platform_db, llmops_home):
         assert result.success
         version = registry.production(resources["database"].engine()).version
     database.platform_engine(url).dispose()  # a template database must have no open connection
-    return {"version": version}
+    return {"version": version, "dagster_home": dagster_home}
 
 
 @pytest.fixture
 def served_model(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance):
+    """The default model served from a database of this test's own, in a fresh Dagster instance."""
+    return serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance)
+
+
+@pytest.fixture
+def served_model_with_runs(served_template, platform_db, ray_serve, monkeypatch, tmp_path):
+    """As served_model, in a copy of the template's Dagster instance (a folder of this test's own,
+    its DAGSTER_HOME), so that the runs that made the served model are in its history."""
+    dagster_home = tmp_path / "dagster_home"
+    shutil.copytree(served_template["dagster_home"], dagster_home)
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        served = serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tmp_path,
+                                     instance)
+        yield {**served, "dagster_home": dagster_home}
+
+
+def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance):
     """The session's default model served by Ray Serve on 127.0.0.1, logging to a database of this
     test's own (a copy of the template: the same registry, versions and eval report).
 
-    Returns a dict: url, resources (for dg.materialize), instance, version, engine.
+    Returns a dict: url, resources (for dg.materialize), instance, version, engine, result.
     """
     from assets.serving import serving_deployment
     from resources.artifacts import ArtifactStore
@@ -179,4 +200,5 @@ def served_model(served_template, platform_db, ray_serve, monkeypatch, tmp_path,
         "resources": resources,
         "instance": instance,
         "engine": resources["database"].engine(),
+        "result": result,
     }

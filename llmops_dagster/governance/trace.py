@@ -54,3 +54,56 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
                        for _, r in sample.iterrows()],
         },
     }
+
+
+def trace_html(chain: dict, links: dict[str, dict]) -> str:
+    """The trace as a standalone page: every link of the chain, each product linked to the exact
+    materialization in the Dagster UI that made it (`links` from lineage.materialization_links).
+    Every value is escaped: prompts and answers are whatever people sent and the model said."""
+    from html import escape
+
+    response, model = chain["response"], chain["model_version"]
+    prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
+
+    def product(asset: str, version: str) -> str:
+        link = links.get(asset) or {}
+        shown = f"<code>{escape(str(version))}</code>"
+        if not link:
+            return f"{escape(asset)} {shown} <em>(not materialized in this Dagster instance)</em>"
+        return (f'<a href="{escape(link["url"])}">{escape(asset)}</a> {shown} '
+                f'(<a href="{escape(link["run_url"])}">run {escape(link["run_id"][:8])}</a>)')
+
+    sample = "".join(
+        f"<tr><td>{row['row']}</td><td>{escape(row['prompt'])}</td><td>{escape(row['response'])}</td></tr>"
+        for row in rows["sample"])
+    items = [
+        ("served answer", f"<code>{escape(response['response_id'])}</code> at "
+                          f"{escape(str(response['created_at']))}<br>prompt: {escape(response['prompt'])}"
+                          f"<br>answer: {escape(response['response'])}"),
+        ("model version", f"{product('serving_deployment', model['version'])}<br>"
+                          f"{product('approved_model', model['version'])}: {escape(model['stage'])}, "
+                          f"approved by {escape(str(model['approver']))}"),
+        ("eval report", product("eval_report", f"report-{model['eval_report_id']}")
+         if model["eval_report_id"] is not None else "none"),
+        ("fine-tune", f"{product('finetuned_checkpoint', model['version'])}<br>checkpoint "
+                      f"<code>{escape(model['checkpoint_path'])}</code>"),
+        ("base model", product("base_model", model["base_model_version"])),
+        ("prompt set", f"{product('prompt_set', prompts['version'])}: template "
+                       f"{escape(prompts['template_name'])}, {prompts['train_rows']} train / "
+                       f"{prompts['eval_rows']} eval"),
+        ("dataset", f"{product('validated_dataset', dataset['version'])} from "
+                    f"<code>{escape(dataset['source'])}</code>: {dataset['rows_input']} in = "
+                    f"{dataset['rows_accepted']} accepted + {dataset['rows_quarantined']} quarantined"
+                    f"<br>{product('raw_examples', dataset['input_hash'])}"),
+    ]
+    body = "".join(f"<tr><th>{escape(name)}</th><td>{value}</td></tr>" for name, value in items)
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>trace {escape(response['response_id'])}</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2em;max-width:70em}"
+        "th{text-align:left;vertical-align:top;padding:.4em 1em .4em 0}td{padding:.4em 0}"
+        "table.rows td{border-top:1px solid #ddd;padding:.3em .6em}</style></head><body>"
+        f"<h1>Trace of a served answer</h1><table>{body}</table>"
+        f"<h2>Training rows ({rows['count']}, {rows['from_feedback']} from feedback); first "
+        f"{len(rows['sample'])}</h2><table class=rows><tr><th>row</th><th>prompt</th><th>response</th></tr>"
+        f"{sample}</table></body></html>")
