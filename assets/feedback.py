@@ -82,9 +82,8 @@ def production_drift(context: dg.AssetExecutionContext, database: PostgresResour
     production = registry.production(engine)
     if production is None:
         raise dg.Failure("no model is in production: nothing to compare production traffic with")
-    check = signals.check_production_drift(
-        engine, embedder.embed, production, loop_settings.drift_window, loop_settings.drift_reference,
-        loop_settings.drift_alpha, loop_settings.drift_permutations)
+    check = signals.check_production_drift(engine, embedder.embed, production,
+                                           **loop_settings.drift_test())
     result = check.result
     return dg.MaterializeResult(
         data_version=dg.DataVersion(check.window_key or f"{production.version}@no-window"),

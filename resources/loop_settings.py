@@ -14,3 +14,8 @@ class LoopSettings(dg.ConfigurableResource):
     guard_margin: float = Field(default=0.1, description="Roll back when the new version's negative "
                                 "rate exceeds the previous one's by more than this.")
     guard_min_ratings: int = Field(default=20, description="Ratings of each version before judging.")
+
+    def drift_test(self) -> dict:
+        """The drift test's settings, as signals.check_production_drift takes them."""
+        return {"window": self.drift_window, "reference_size": self.drift_reference,
+                "alpha": self.drift_alpha, "permutations": self.drift_permutations}

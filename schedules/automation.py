@@ -62,9 +62,8 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
-    check = signals.check_production_drift(
-        engine, embedder.embed, production, loop_settings.drift_window, loop_settings.drift_reference,
-        loop_settings.drift_alpha, loop_settings.drift_permutations, tested_window=context.cursor)
+    check = signals.check_production_drift(engine, embedder.embed, production,
+                                           **loop_settings.drift_test(), tested_window=context.cursor)
     if check.result is None:
         return dg.SkipReason(check.reason)
     result, window_key = check.result, check.window_key
