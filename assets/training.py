@@ -36,12 +36,8 @@ class BaseModelConfig(dg.Config):
     seed: int = declared(ScratchModelSpec, "seed")
 
     def spec(self) -> ScratchModelSpec:
-        return ScratchModelSpec(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            max_position_embeddings=self.max_position_embeddings, seed=self.seed,
-        )
+        fields = ScratchModelSpec.__dataclass_fields__
+        return ScratchModelSpec(**{name: getattr(self, name) for name in fields})
 
 
 @dg.asset(**stage_definition("training"), deps=[prompt_set], kinds={"transformers"})
