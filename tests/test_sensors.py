@@ -115,3 +115,35 @@ def test_rollback_guard_restores_the_previous_version(engine, instance):
     assert registry.production(engine).version == "v1"
     last = registry.audit_log(engine)[-1]
     assert last["actor"] == "rollback_guard" and "50.0% over 20 ratings" in last["reason"]
+
+
+def test_production_traffic_is_observed_and_drift_is_materialized_on_demand(engine, instance):
+    """The loop's assets: production_traffic's data version moves with new answers and ratings;
+    production_drift runs the drift sensor's test and records its verdict."""
+    from assets.feedback import production_drift, production_traffic
+
+    resources = {"database": PostgresResource(), "embedder": EmbedderResource(),
+                 "loop_settings": LoopSettings(drift_window=60, drift_reference=300)}
+
+    observe = dg.Definitions(assets=[production_traffic], resources=resources
+                             ).resolve_implicit_global_asset_job_def()  # as the UI's "Observe"
+
+    def observed_version() -> str:
+        assert observe.execute_in_process(instance=instance,
+                                          asset_selection=[dg.AssetKey("production_traffic")]).success
+        record = instance.fetch_observations(dg.AssetKey("production_traffic"), limit=1).records[0]
+        return record.asset_observation.tags["dagster/data_version"]
+
+    assert observed_version() == "answers-0-ratings-0"
+    serve(engine, "v2", ["q"] * 3, [1, -1, 1])
+    assert observed_version() == "answers-3-ratings-3"
+
+    examples = generate_examples(n_rows=400, seed=5)
+    reference = [e["prompt"] for e in examples[:300]]
+    embeddings.store_embeddings(engine, "d1", list(range(1, 301)), reference,
+                                EmbedderResource().embed(reference))
+    serve(engine, "v2", [e["prompt"] for e in examples[300:360]])
+    result = dg.materialize([production_drift], instance=instance, resources=resources)
+    [event] = result.asset_materializations_for_node("production_drift")
+    assert event.metadata["verdict"].value.startswith("no drift: statistic")
+    assert event.metadata["drifted"].value is False and event.metadata["model_version"].value == "v2"
