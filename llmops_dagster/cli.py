@@ -118,12 +118,23 @@ def _print_summary(result) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    _prepare_instance_env()
     from llmops_dagster.definitions import defs
 
+    try:
+        run_config = json.loads(args.config) if args.config else {}
+    except json.JSONDecodeError as error:
+        print(f"llmops run: --config is not JSON: {error.msg} at character {error.pos}", file=sys.stderr)
+        return 2
+    if not isinstance(run_config, dict):
+        print("llmops run: --config must be a JSON object ({\"ops\": {...}})", file=sys.stderr)
+        return 2
+    jobs = sorted(job.name for job in defs.jobs or [])
+    if args.job not in jobs:
+        print(f"llmops run: --job {args.job!r} is not a job; one of {jobs}", file=sys.stderr)
+        return 2
+    _prepare_instance_env()
     instance = dg.DagsterInstance.get()
     job = defs.resolve_job_def(args.job)
-    run_config = json.loads(args.config) if args.config else {}
     result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
     _print_summary(result)
     if not result.success:
@@ -252,21 +263,21 @@ def _add_models_parser(commands) -> None:
     actions = models.add_subparsers(dest="models_command", required=True)
     actions.add_parser("list", help="registered versions, newest first").set_defaults(action=_models_list)
     show = actions.add_parser("show", help="one version and its audit log")
-    show.add_argument("version")
+    show.add_argument("version", type=utf8_text)
     show.set_defaults(action=_models_show)
     approve = actions.add_parser("approve", help="promote a version to production")
-    approve.add_argument("version")
-    approve.add_argument("--by", help="approver (default: $USER)")
-    approve.add_argument("--reason", default="approved by hand")
+    approve.add_argument("version", type=utf8_text)
+    approve.add_argument("--by", type=utf8_text, help="approver (default: $USER)")
+    approve.add_argument("--reason", type=utf8_text, default="approved by hand")
     approve.set_defaults(action=_models_approve)
     reject = actions.add_parser("reject", help="withdraw a candidate")
-    reject.add_argument("version")
-    reject.add_argument("--reason", required=True)
-    reject.add_argument("--by", help="who decides (default: $USER)")
+    reject.add_argument("version", type=utf8_text)
+    reject.add_argument("--reason", type=utf8_text, required=True)
+    reject.add_argument("--by", type=utf8_text, help="who decides (default: $USER)")
     reject.set_defaults(action=_models_reject)
     rollback = actions.add_parser("rollback", help="restore the previous production version")
-    rollback.add_argument("--reason", required=True)
-    rollback.add_argument("--by", help="who decides (default: $USER)")
+    rollback.add_argument("--reason", type=utf8_text, required=True)
+    rollback.add_argument("--by", type=utf8_text, help="who decides (default: $USER)")
     rollback.set_defaults(action=_models_rollback)
 
 
@@ -320,6 +331,37 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def utf8_text(value: str) -> str:
+    """An argparse type: text that is valid UTF-8 (a terminal may pass undecodable bytes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
+    return value
+
+
+def response_id(value: str) -> str:
+    """An argparse type: a response id as /v1/generate returns it (a UUID, any case)."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(utf8_text(value)))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError("must be a response id (a UUID) as /v1/generate returns it"
+                                         ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -341,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000, help="port of the webserver")
     ui.set_defaults(handler=cmd_ui)
     quarantine = commands.add_parser("quarantine", help="newest quarantined rows")
-    quarantine.add_argument("-n", type=int, default=20)
+    quarantine.add_argument("-n", type=positive_int, default=20, help="rows to show")
     quarantine.set_defaults(handler=cmd_quarantine)
     _add_models_parser(commands)
     trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
-    trace.add_argument("response_id")
-    trace.add_argument("--rows", type=int, default=5, help="source rows to show")
+    trace.add_argument("response_id", type=response_id)
+    trace.add_argument("--rows", type=positive_int, default=5, help="source rows to show")
     trace.add_argument("--html", default="", help="also write the trace as an HTML page to this file")
     trace.add_argument("--ui-url", default=os.environ.get("LLMOPS_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
                        help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL or make ui's)")

@@ -43,11 +43,11 @@ def store_feedback(engine: sa.Engine, response_id: str, client_id: str, rating: 
 
 
 def served_response(engine: sa.Engine, response_id: str) -> dict | None:
-    """One logged answer by its response id, or None."""
+    """One logged answer by its response id (a UUID, any case), or None: one primary-key lookup."""
     with engine.connect() as connection:
         row = connection.execute(
             sa.text("SELECT response_id::text, model_version, prompt, response, created_at "
-                    "FROM request_log WHERE response_id::text = :id"), {"id": response_id}
+                    "FROM request_log WHERE response_id = CAST(:id AS uuid)"), {"id": response_id}
         ).mappings().first()
     return dict(row) if row is not None else None
 

@@ -1,0 +1,61 @@
+"""The `llmops` command refuses bad arguments with a message naming them, never a traceback.
+
+Touches: argument parsing only, except the trace lookup, which reads a database of its own."""
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from llmops_dagster import cli
+
+LLMOPS = str(Path(sys.executable).parent / "llmops")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["quarantine", "-n", "-1"], "argument -n: must be at least 1, got -1"),
+    (["quarantine", "-n", "x"], "argument -n: 'x' is not a whole number"),
+    (["trace", "not-a-uuid"], "argument response_id: must be a response id (a UUID)"),
+    (["trace", str(uuid.uuid4()), "--rows", "0"], "argument --rows: must be at least 1"),
+])
+def test_bad_arguments_name_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_undecodable_bytes_in_an_argument_are_refused_without_a_traceback(tmp_path):
+    """A terminal passes bytes that are not UTF-8 as lone surrogates; they never reach SQL."""
+    for argv in ([b"models", b"show", b"ft-\xff"], [b"trace", b"\xfe\xff"]):
+        result = subprocess.run([LLMOPS.encode(), *argv], capture_output=True, timeout=120,
+                                env={**os.environ, "LLMOPS_HOME": str(tmp_path)})
+        assert result.returncode == 2, result.stderr
+        assert b"Traceback" not in result.stderr
+        assert b"is not valid UTF-8 text" in result.stderr or b"must be a response id" in result.stderr
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["run", "--job", "nope"], "--job 'nope' is not a job; one of ['deploy', 'main', 'retrain']"),
+    (["run", "--config", "{bad"], "--config is not JSON: Expecting property name"),
+    (["run", "--config", "[1]"], "--config must be a JSON object"),
+])
+def test_run_refuses_an_unknown_job_or_bad_config_before_starting(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_trace_finds_a_response_by_its_id_in_any_case(fresh_database, capsys):
+    engine = fresh_database.engine()
+    response_id = str(uuid.uuid4())
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
+            "latency_ms) VALUES (:id, 'v-missing', 'q', 'a', 8, 1.0)"), {"id": response_id})
+    assert cli.main(["trace", response_id.upper()]) == 2
+    # Found (the chain stops at the model, which this database does not have), not "not found".
+    assert "model version 'v-missing' in the registry not found" in capsys.readouterr().err
