@@ -147,3 +147,33 @@ def test_production_traffic_is_observed_and_drift_is_materialized_on_demand(engi
     [event] = result.asset_materializations_for_node("production_drift")
     assert event.metadata["verdict"].value.startswith("no drift: statistic")
     assert event.metadata["drifted"].value is False and event.metadata["model_version"].value == "v2"
+
+
+def test_a_rating_committed_late_is_curated_exactly_once(engine):
+    """A rating whose insert took a lower id but committed after later ones is curated by the next
+    curation, once: curation selects rows not yet curated, not "id above the highest curated"."""
+    from llmops_dagster.feedback import curation
+    from llmops_dagster.serving import traffic_log
+
+    serve(engine, "v2", ["early"])
+    held = engine.connect()  # a rating in a transaction that stays open while others commit
+    transaction = held.begin()
+    response_id = held.execute(sa.text("SELECT response_id FROM request_log LIMIT 1")).scalar_one()
+    held_id = held.execute(sa.text(
+        "INSERT INTO feedback (response_id, client_id, rating) VALUES (:id, 'held', -1) RETURNING id"),
+        {"id": response_id}).scalar_one()
+    serve(engine, "v2", ["q"] * 3, [-1, -1, -1])  # ids above held_id, committed first
+
+    def curate() -> list[int]:
+        rows = traffic_log.uncurated_feedback(engine, limit=100)
+        curation.store_curated(engine, rows, [[0.0] * 384 for _ in range(len(rows))])
+        return sorted(rows["feedback_id"].astype(int))
+
+    first = curate()
+    assert len(first) == 3 and min(first) > held_id
+    transaction.commit()
+    held.close()
+    assert curate() == [held_id]
+    assert curate() == []
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM curated_feedback")).scalar_one() == 4

@@ -112,14 +112,18 @@ def live_rate(engine: sa.Engine, version: str) -> LiveRate:
 
 
 def uncurated_feedback(engine: sa.Engine, limit: int) -> pd.DataFrame:
-    """Feedback not yet curated (id above the highest curated one), joined with its request."""
+    """Feedback not yet curated, joined with its request, oldest first.
+
+    "Not yet curated" is an anti-join on curated_feedback's primary key, not "id above the highest
+    curated id": a rating whose transaction took a lower id but committed after higher ones is
+    still picked up by the next curation, exactly once."""
     with engine.connect() as connection:
         return pd.read_sql_query(
             sa.text(
                 "SELECT f.id AS feedback_id, f.response_id, r.model_version, r.prompt, "
                 "r.response AS answer, f.rating, f.correction FROM feedback f "
                 "JOIN request_log r USING (response_id) "
-                "WHERE f.id > (SELECT coalesce(max(feedback_id), 0) FROM curated_feedback) "
+                "WHERE NOT EXISTS (SELECT 1 FROM curated_feedback c WHERE c.feedback_id = f.id) "
                 "ORDER BY f.id LIMIT :limit"
             ),
             connection,
