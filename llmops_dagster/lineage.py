@@ -10,6 +10,7 @@ registry id (eval report), so the registry's lineage columns name upstream mater
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from pathlib import Path
 from urllib.parse import quote
 
@@ -17,8 +18,10 @@ import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_VERSION_TAG = "dagster/data_version"
-# Materializations searched for a data version, newest first: enough for months of nightly retrains.
+# Materializations searched for a data version, newest first, a page at a time: the version behind
+# a model is usually among the newest, and 1000 covers months of nightly retrains.
 SEARCH_LIMIT = 1000
+SEARCH_PAGE = 50
 
 
 def latest_metadata(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
@@ -50,11 +53,16 @@ def failed_checks(context: dg.AssetExecutionContext, checks: list[dg.AssetCheckK
 
 def find_materialization(instance: dg.DagsterInstance, asset: str, data_version: str):
     """The newest materialization of `asset` whose data version is `data_version`, or None."""
-    records = instance.fetch_materializations(dg.AssetKey(asset), limit=SEARCH_LIMIT).records
-    for record in records:
-        materialization = record.asset_materialization
-        if materialization is not None and materialization.tags.get(DATA_VERSION_TAG) == data_version:
-            return record
+    cursor, searched = None, 0
+    while searched < SEARCH_LIMIT:
+        page = instance.fetch_materializations(dg.AssetKey(asset), limit=SEARCH_PAGE, cursor=cursor)
+        for record in page.records:
+            materialization = record.asset_materialization
+            if materialization is not None and materialization.tags.get(DATA_VERSION_TAG) == data_version:
+                return record
+        if not page.has_more:
+            return None
+        cursor, searched = page.cursor, searched + len(page.records)
     return None
 
 
@@ -119,6 +127,7 @@ def eval_report_version(report_id: int) -> str:
     return f"report-{report_id}"
 
 
+@cache  # several assets of a stage share it; read the files once a process
 def stage_code_version(stage: str) -> str:
     """Code version of a lifecycle stage: a hash of its asset module and its library folder, so
     the UI marks an asset's product stale exactly when the code that makes it changed."""

@@ -62,6 +62,8 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
     Every value is escaped: prompts and answers are whatever people sent and the model said."""
     from html import escape
 
+    from llmops_dagster.lineage import eval_report_version
+
     response, model = chain["response"], chain["model_version"]
     prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
 
@@ -83,7 +85,7 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
         ("model version", f"{product('serving_deployment', model['version'])}<br>"
                           f"{product('approved_model', model['version'])}: {escape(model['stage'])}, "
                           f"approved by {escape(str(model['approver']))}"),
-        ("eval report", product("eval_report", f"report-{model['eval_report_id']}")
+        ("eval report", product("eval_report", eval_report_version(model["eval_report_id"]))
          if model["eval_report_id"] is not None else "none"),
         ("fine-tune", f"{product('finetuned_checkpoint', model['version'])}<br>checkpoint "
                       f"<code>{escape(model['checkpoint_path'])}</code>"),
