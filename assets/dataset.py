@@ -17,6 +17,7 @@ from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 
 QUARANTINE_CHECK = "quarantine_within_threshold"
+FEEDBACK_CHECK = "feedback_quarantine_within_budget"
 
 
 class RawExamplesConfig(dg.Config):
@@ -57,8 +58,14 @@ def raw_examples(config: RawExamplesConfig, artifacts: ArtifactStore) -> dg.Mate
 
 class ValidatedDatasetConfig(dg.Config):
     max_quarantined_share: float = Field(
-        default=0.05, description="The blocking check fails above this share of quarantined rows."
+        default=0.05, description="The blocking check fails above this share of the source's rows "
+        "quarantined (feedback examples have their own budget)."
     )
+    max_feedback_quarantined_share: float = Field(
+        default=0.2, description="Feedback examples' own budget: above this share of them "
+        "quarantined, all are left out of the version (a warning, never a blocked retrain).")
+    max_feedback_rows: int = Field(
+        default=500, description="Most feedback examples in one version (the newest accepted ones).")
     max_prompt_tokens: int = declared(ValidationRules, "max_prompt_tokens")
     max_response_tokens: int = declared(ValidationRules, "max_response_tokens")
     min_tokens: int = declared(ValidationRules, "min_tokens")
@@ -83,8 +90,13 @@ class ValidatedDatasetConfig(dg.Config):
             asset="validated_dataset",
             blocking=True,
             description="Fails when a required column is missing or the quarantined share "
-            "passes the configured threshold.",
-        )
+            "of the source's rows passes the configured threshold.",
+        ),
+        dg.AssetCheckSpec(
+            FEEDBACK_CHECK, asset="validated_dataset", blocking=False,
+            description="Warns when the share of quarantined feedback examples passes their own "
+            "budget; they are then left out and training goes on with the source's rows.",
+        ),
     ],
 )
 def validated_dataset(
@@ -97,19 +109,26 @@ def validated_dataset(
     raw = latest_metadata(context, raw_examples)
     engine = database.engine()
     snapshot = load_snapshot(raw["snapshot_path"])
-    frame = dataset_store.with_feedback_examples(snapshot, curation.correction_examples(engine))
+    corrections = curation.correction_examples(engine, max_rows=config.max_feedback_rows)
+    frame = dataset_store.with_feedback_examples(snapshot, corrections)
     report = validate_examples(frame, config.rules())
+    budget = dataset_store.feedback_budget(report, len(snapshot), config.max_feedback_quarantined_share)
+    # Quarantine keeps every rejected row, feedback included, whatever the budget says.
+    in_quarantine = dataset_store.save_quarantine(
+        engine, report, raw["input_hash"], raw["source"], context.run_id, raw_rows=len(snapshot)
+    )
+    if not budget.within:
+        context.log.warning(budget.message())
+        frame = snapshot
+        report = validate_examples(frame, config.rules())
     version = data_version(report.accepted)
     folder = artifacts.write_version(
         "datasets", version, lambda d: dataset_store.write_accepted(d, report.accepted)
     )
-    in_quarantine = dataset_store.save_quarantine(
-        engine, report, raw["input_hash"], raw["source"], context.run_id, raw_rows=len(snapshot)
-    )
     dataset_store.record_dataset_version(
         engine, version, raw["input_hash"], raw["source"], folder, report
     )
-    check = dataset_store.quarantine_check(report, config.max_quarantined_share)
+    check = dataset_store.quarantine_check(report, config.max_quarantined_share, raw_rows=len(snapshot))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         check_results=[
@@ -120,7 +139,13 @@ def validated_dataset(
                 description=check.message,
                 metadata={"quarantined_share": report.quarantined_share,
                           "threshold": config.max_quarantined_share},
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name=FEEDBACK_CHECK, passed=budget.within,
+                severity=dg.AssetCheckSeverity.WARN, description=budget.message(),
+                metadata={"feedback_rows": budget.rows, "quarantined": budget.quarantined,
+                          "budget": budget.max_share},
+            ),
         ],
         metadata={
             "version": version,
@@ -128,6 +153,8 @@ def validated_dataset(
             "input_hash": raw["input_hash"],
             "rows_input": report.rows_input,
             "rows_from_feedback": len(frame) - len(snapshot),
+            "feedback_examples_offered": budget.rows,
+            "feedback_quarantined": budget.quarantined,
             "rows_accepted": report.rows_accepted,
             "rows_quarantined": report.rows_quarantined,
             "rows_in_quarantine_table": in_quarantine,

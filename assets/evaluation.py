@@ -19,17 +19,29 @@ from resources.database import PostgresResource
 
 
 class EvalConfig(dg.Config):
-    max_examples: int = Field(default=120, description="Eval records scored (the split's first N).")
+    max_examples: int = Field(default=120, description="Trusted eval records scored (the first N "
+                              "without a feedback_id): the split the policy gates on.")
+    max_feedback_examples: int = Field(default=200, description="Feedback-derived eval records "
+                                       "scored as their own slice (the first N with a feedback_id).")
     max_new_tokens: int = Field(default=48, description="Longest generated answer (tokens).")
     bootstrap_samples: int = Field(default=1000, description="Resamples of the paired bootstrap.")
     seed: int = Field(default=0, description="Seed of the bootstrap.")
+
+
+def difference_text(comparison: dict | None, missing: str) -> str:
+    """Candidate minus champion token F1 with its bootstrap 95% CI, or why there is none."""
+    if comparison is None:
+        return missing
+    return (f"{comparison['mean_difference']:+.4f} "
+            f"(95% CI {comparison['ci_low']:+.4f} .. {comparison['ci_high']:+.4f})")
 
 
 @dg.asset(**stage_definition("evaluation"), deps=[finetuned_checkpoint], kinds={"pytorch", "postgres"})
 def eval_report(
     context: dg.AssetExecutionContext, config: EvalConfig, database: PostgresResource
 ) -> dg.MaterializeResult:
-    """Candidate vs champion vs base on the held-out split: loss, EM, token F1, slices, latency."""
+    """Candidate vs champion vs base on the held-out split: loss, EM, token F1, slices, latency.
+    The main numbers are on the trusted split; feedback-derived examples are a slice of their own."""
     candidate = latest_metadata(context, finetuned_checkpoint)
     run = json.loads(Path(candidate["train_config"]).read_text())
     engine = database.engine()
@@ -39,7 +51,7 @@ def eval_report(
         models["champion"] = champion.merged_model_path
     report = scoring.evaluate(
         models, run["eval_file"], config.max_examples, config.max_new_tokens, run["seq_len"],
-        config.bootstrap_samples, config.seed,
+        config.bootstrap_samples, config.seed, config.max_feedback_examples,
     )
     champion_version = champion.version if "champion" in models else None
     if champion is None:
@@ -53,7 +65,7 @@ def eval_report(
         candidate["dataset_version"], candidate["prompt_set_version"],
     )
     metrics, slices = report.metrics(), report.slices()
-    comparison = report.comparison or {}
+    feedback_metrics = report.feedback_metrics()
     upstream = {"finetuned_checkpoint": candidate["version"],
                 "base_model": candidate["base_model_version"],
                 "prompt_set": candidate["prompt_set_version"],
@@ -70,12 +82,17 @@ def eval_report(
             "candidate_token_f1": metrics["candidate"]["token_f1"],
             "candidate_exact_match": metrics["candidate"]["exact_match"],
             "candidate_loss": metrics["candidate"]["loss"],
-            "token_f1_vs_champion": (
-                f"{comparison['mean_difference']:+.4f} "
-                f"(95% CI {comparison['ci_low']:+.4f} .. {comparison['ci_high']:+.4f})"
-                if comparison else "no champion"
-            ),
+            "token_f1_vs_champion": difference_text(report.comparison, "no champion"),
             "metrics": dg.MetadataValue.md(scoring.metrics_markdown(metrics)),
+            "feedback_slice_examples": report.feedback_examples(),
+            "feedback_slice_token_f1": (feedback_metrics["candidate"]["token_f1"]
+                                        if feedback_metrics else "no feedback examples"),
+            "feedback_token_f1_vs_champion": difference_text(
+                report.feedback_comparison,
+                "no champion" if feedback_metrics else "no feedback examples"),
+            "feedback_slice_metrics": dg.MetadataValue.md(
+                scoring.metrics_markdown(feedback_metrics) if feedback_metrics
+                else "No feedback-derived examples in the eval split."),
             "token_f1_per_intent": dg.MetadataValue.md(scoring.slices_markdown(slices)),
             "plot": dg.MetadataValue.md(scoring.slices_plot_markdown(slices)),
         },

@@ -9,7 +9,7 @@ dataset_embeddings -> production_drift.
 import dagster as dg
 from pydantic import Field
 
-from llmops_dagster.feedback import curation
+from llmops_dagster.feedback import curation, review
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import stage_definition
 from llmops_dagster.loop import signals
@@ -34,6 +34,7 @@ def production_traffic(context):
         asset_key="production_traffic",
         data_version=dg.DataVersion(f"answers-{counts['requests']}-ratings-{counts['ratings']}"),
         metadata={"answers": counts["requests"], "ratings": counts["ratings"],
+                  "counted_ratings": counts["counted_ratings"],
                   "newest_answer": str(counts["newest_request"] or "-"),
                   "newest_feedback_id": counts["newest_feedback_id"]},
     )
@@ -41,6 +42,8 @@ def production_traffic(context):
 
 class FeedbackTableConfig(dg.Config):
     max_rows: int = Field(default=100_000, description="Most feedback rows curated in one run.")
+    retention_days: int = Field(default=365, description="Feedback older than this many days is "
+                                "purged (with an audit record) before curating; 0 keeps it forever.")
 
 
 @dg.asset(**stage_definition("feedback"), deps=["production_traffic"], kinds={"postgres", "pgvector"})
@@ -49,14 +52,18 @@ def feedback_table(
     database: PostgresResource, embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """Feedback since the last curation, joined with its request, labelled and embedded (HNSW);
-    corrected answers become candidate training examples for the next validated_dataset."""
+    corrections a reviewer accepted become training examples for the next validated_dataset.
+    Feedback past its retention is purged first."""
     engine = database.engine()
+    expired = review.expire(engine, config.retention_days)
     rows = traffic_log.uncurated_feedback(engine, config.max_rows)
     vectors = embedder.embed(rows["prompt"].tolist()) if len(rows) else []
     added = curation.store_curated(engine, rows, vectors)
     counts = curation.counts_by_rating_and_model(engine)
     corrections = curation.correction_examples(engine)
-    context.log.info(f"curated {added} new feedback rows; {len(corrections)} corrections in all")
+    reviews = curation.review_counts(engine)
+    context.log.info(f"curated {added} new feedback rows; {len(corrections)} accepted corrections, "
+                     f"{reviews['pending']} waiting for review; {len(expired)} expired rows purged")
     total = int(counts["rows"].sum()) if len(counts) else 0
     return dg.MaterializeResult(
         data_version=dg.DataVersion(f"curated-{total}-corrections-{len(corrections)}"),
@@ -64,7 +71,10 @@ def feedback_table(
             "rows_added": added,
             "negative_added": int((rows["rating"] < 0).sum()) if len(rows) else 0,
             "rows_total": int(counts["rows"].sum()) if len(counts) else 0,
-            "corrections_total": len(corrections),
+            "corrections_accepted": len(corrections),
+            "corrections_pending_review": reviews["pending"],
+            "corrections_rejected": reviews["rejected"],
+            "rows_purged_by_retention": len(expired),
             "last_feedback_id": int(rows["feedback_id"].max()) if len(rows) else "unchanged",
             "by_rating_and_model": dg.MetadataValue.md(
                 counts.to_markdown(index=False) if len(counts) else "no feedback yet"),

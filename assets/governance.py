@@ -34,13 +34,15 @@ class ApprovalConfig(dg.Config):
     min_exact_match: float = declared(policy.Policy, "min_exact_match")
     max_loss: float = declared(policy.Policy, "max_loss")
     margin: float = declared(policy.Policy, "margin")
+    require_trusted_no_regression: bool = declared(policy.Policy, "require_trusted_no_regression")
     approve_version: str = Field(default="", description="Human mode, from the launchpad: the "
                                  "candidate version a person approves (as `llmops models approve`).")
     approver: str = Field(default="", description="Who approves approve_version (required with it).")
 
     def to_policy(self) -> policy.Policy:
         return policy.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
-                                 max_loss=self.max_loss, margin=self.margin)
+                             max_loss=self.max_loss, margin=self.margin,
+                             require_trusted_no_regression=self.require_trusted_no_regression)
 
 
 @dg.asset(**stage_definition("governance"), deps=[eval_report, finetuned_checkpoint], kinds={"postgres"})
@@ -68,8 +70,10 @@ def approved_model(
         train_config=json.loads(Path(candidate["train_config"]).read_text()),
         eval_report_id=report["id"],
     )
-    decision = policy.judge(config.to_policy(), report["metrics"]["candidate"],
-                                report["comparison"] or None, failed_checks(context, BLOCKING_CHECKS))
+    comparison, feedback_slice = scoring.read_comparison(report["comparison"])
+    decision = policy.judge(config.to_policy(), report["metrics"]["candidate"], comparison,
+                            failed_checks(context, BLOCKING_CHECKS),
+                            feedback_comparison=feedback_slice["comparison"])
     if not decision.passed:
         if version.stage == "candidate":
             registry.reject(engine, version.version, actor="policy", reason=decision.message())

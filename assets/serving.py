@@ -13,10 +13,32 @@ from llmops_dagster.settings import declared
 from resources.database import PostgresResource
 from resources.serving import RayServeResource
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
 
 class ServingDeploymentConfig(dg.Config):
     max_batch_size: int = declared(ServingConfig, "max_batch_size")
     batch_wait_timeout_s: float = declared(ServingConfig, "batch_wait_timeout_s")
+    generate_requires_key: bool = declared(ServingConfig, "generate_requires_key")
+    generate_rate_limit: str = declared(ServingConfig, "generate_rate_limit")
+    feedback_rate_limit: str = declared(ServingConfig, "feedback_rate_limit")
+    max_queued_requests: int = declared(ServingConfig, "max_queued_requests")
+
+    def check(self, http_host: str) -> None:
+        """Refuse settings that would expose the model: an open /v1/generate off loopback, or a
+        rate limit the `limits` library cannot read."""
+        from limits import parse
+
+        if not self.generate_requires_key and http_host not in LOOPBACK_HOSTS:
+            raise dg.Failure(f"serving_deployment.generate_requires_key is false while Serve listens "
+                             f"on {http_host} (RayServeResource.http_host): an open /v1/generate is "
+                             "allowed on loopback only")
+        for name in ("generate_rate_limit", "feedback_rate_limit"):
+            try:
+                parse(getattr(self, name))
+            except ValueError:
+                raise dg.Failure(f"serving_deployment.{name} {getattr(self, name)!r} is not a rate "
+                                 "such as '120/minute'") from None
 
 
 def serving_config(engine, version: registry.ModelVersion, database_url: str,
@@ -37,6 +59,10 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
                  "base_model_version": version.base_model_version},
         max_batch_size=config.max_batch_size,
         batch_wait_timeout_s=config.batch_wait_timeout_s,
+        generate_requires_key=config.generate_requires_key,
+        generate_rate_limit=config.generate_rate_limit,
+        feedback_rate_limit=config.feedback_rate_limit,
+        max_queued_requests=config.max_queued_requests,
         seq_len=version.train_config.get("seq_len", ServingConfig.seq_len),
     )
 
@@ -47,6 +73,7 @@ def serving_deployment(
     database: PostgresResource, ray_serve: RayServeResource,
 ) -> dg.MaterializeResult:
     """The production model served over HTTP (Ray Serve, batched) with request and feedback logs."""
+    config.check(ray_serve.http_host)
     engine = database.engine()
     version = registry.production(engine)
     if version is None:
@@ -62,8 +89,12 @@ def serving_deployment(
             "model_version": version.version,
             "replicas": ray_serve.replicas,
             "max_batch_size": config.max_batch_size,
+            "generate": "API key required" if config.generate_requires_key else "open (loopback)",
+            "rate_limits": f"generate {config.generate_rate_limit}, feedback "
+                           f"{config.feedback_rate_limit} per key and per address",
             "endpoints": dg.MetadataValue.md(
                 "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
+                "| GET | /v1/reviews (reviewer key) |\n| POST | /v1/reviews/{id} (reviewer key) |\n"
                 "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |"),
         },
     )

@@ -73,11 +73,12 @@ def main() -> None:
 
         database.stop_embedded_server(home / "pg")
 
-    records = scoring.load_eval_records(runs[0]["eval_file"], max_examples=10**9)
+    records, _ = scoring.load_eval_records(runs[0]["eval_file"], max_examples=10**9,
+                                           max_feedback_examples=0)
     scores = {}
     for run in runs:
         scored = scoring.score_model(f"seed {run['seed']}", run["merged"], records, 48,
-                                        run["seq_len"], run["eval_file"])
+                                        run["seq_len"])
         scores[run["seed"]] = scored
         run.update(scored.summary())
     f1 = [run["token_f1"] for run in runs]
@@ -87,7 +88,7 @@ def main() -> None:
                                      scores[b].per_example["token_f1"].to_numpy())["ci_low"], a, b)
         for a, b in itertools.permutations(scores, 2))
 
-    print(f"default model over seeds, {len(records)} eval examples each (whole eval split)")
+    print(f"default model over seeds, {len(records)} eval examples each (the whole trusted eval split)")
     print(f"  {'seed':>4}  {'exact match':>11}  {'token F1':>8}  {'eval loss':>9}  {'train s':>7}")
     for run in runs:
         print(f"  {run['seed']:>4}  {run['exact_match']:>11.4f}  {run['token_f1']:>8.4f}  "

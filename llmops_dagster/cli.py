@@ -13,6 +13,12 @@
     llmops models approve VERSION [--by NAME] [--reason TEXT]   promote it to production
     llmops models reject VERSION --reason TEXT [--by NAME]      withdraw a candidate
     llmops models rollback --reason TEXT [--by NAME]            restore the previous production version
+    llmops keys create NAME --role client|rater|reviewer   a new API key, printed once
+    llmops keys list | revoke NAME                         keys (never the keys themselves); revoke one
+    llmops feedback review [--accept ID ...] [--reject ID ...] [--by NAME] [--note TEXT]
+                                 corrections waiting for review: one by one, or decided by id
+    llmops feedback purge [--id ID ...] [--key NAME] [--since T] [--until T] --reason TEXT
+                                 delete feedback rows (each leaves an audit record, not its text)
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import json
 import os
 import shlex
 import sys
+from datetime import UTC
 
 import sqlalchemy as sa
 
@@ -146,7 +153,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"\nrun {result.run_id} succeeded; see it in the Dagster UI (make ui)")
     served = result.asset_materializations_for_node("serving_deployment")
     if served and not args.no_traffic:
-        response_id = _sample_traffic(served[-1].metadata["url"].value)
+        metadata = served[-1].metadata
+        response_id = _sample_traffic(metadata["url"].value, metadata["model_version"].value)
+        if response_id is None:
+            return 0
         print("\n== llmops trace " + response_id + " ==")
         return cmd_trace(argparse.Namespace(response_id=response_id, rows=5, html="", ui_url=""))
     return 0
@@ -173,20 +183,27 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
-def _sample_traffic(url: str) -> str:
-    """Ask the served model a few questions, rate each answer by whether it is the expected one
-    (+1 or -1, no correction: nothing here becomes training data); return the first response id."""
+def _sample_traffic(url: str, model_version: str) -> str | None:
+    """Ask the model this run deployed a few questions and rate each answer by whether it is the
+    expected one (+1 or -1, with the answer's feedback token, so the rating counts; no correction:
+    nothing here becomes training data). An answer from another model version (someone else's
+    deployment on the same port) is not rated. Returns the first response id of this model."""
     from llmops_dagster.dataset.synthetic_data import reference_answer
     from llmops_dagster.evaluation.scoring import exact_match
 
-    print(f"\n== sample traffic to {url} ==")
+    print(f"\n== sample traffic to {url} (model {model_version}) ==")
     first = None
     for question, intent, fields in SAMPLE_QUESTIONS:
         answer = _post(f"{url}/v1/generate", {"prompt": question})
+        if answer["model_version"] != model_version:
+            print(f"  {url} answered with model {answer['model_version']}, not {model_version} "
+                  "deployed by this run: no sample ratings sent")
+            return None
         expected = reference_answer(intent, **fields)
         right = bool(exact_match(answer["text"], expected))
         stored = _post(f"{url}/v1/feedback", {"response_id": answer["response_id"],
-                                              "rating": 1 if right else -1, "client_id": "make-run"})
+                                              "rating": 1 if right else -1, "client_id": "make-run",
+                                              "feedback_token": answer["feedback_token"]})
         print(f"  {question!r}\n    -> {answer['text']!r}\n       ({answer['latency_ms']:.0f} ms; "
               f"{'right' if right else 'WRONG, expected ' + repr(expected)}; rated "
               f"{'+1' if right else '-1'}, feedback {stored['status']})")
@@ -281,6 +298,117 @@ def _add_models_parser(commands) -> None:
     rollback.set_defaults(action=_models_rollback)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from llmops_dagster.serving import credentials
+
+    engine = _database().engine()
+    try:
+        if args.keys_command == "create":
+            key, secret = credentials.create_key(engine, args.name, args.role, created_by=_actor(args))
+            # The key goes to stdout alone, so `KEY=$(llmops keys create ...)` captures just it.
+            print(f"created {key.role} key {key.name!r}; it is shown this once:", file=sys.stderr)
+            print(secret)
+        elif args.keys_command == "revoke":
+            key = credentials.revoke_key(engine, args.name, revoked_by=_actor(args))
+            print(f"key {key.name!r} revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}")
+        else:
+            keys = credentials.list_keys(engine)
+            for key in keys:
+                state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M} by {key.revoked_by}" if key.revoked_at
+                         else "live")
+                print(f"{key.name:24} {key.role:9} {key.key_prefix}...  created "
+                      f"{key.created_at:%Y-%m-%d %H:%M} by {key.created_by}  {state}")
+            if not keys:
+                print("no API keys yet: llmops keys create NAME --role client|rater|reviewer")
+    except credentials.CredentialError as error:
+        print(f"llmops keys: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _review_interactively(engine: sa.Engine, actor: str) -> int:
+    from llmops_dagster.feedback import review
+
+    queue = review.pending(engine, limit=1000)
+    if queue.empty:
+        print("no correction is waiting for review")
+        return 0
+    decided = 0
+    for row in queue.itertuples(index=False):
+        print(f"\nfeedback {row.feedback_id} on answer {row.response_id} (model {row.model_version}, "
+              f"rater {row.rater}, {'counted' if row.counted else 'not counted'})")
+        print(f"  question    {row.prompt!r}\n  answer      {row.answer!r}\n  correction  {row.correction!r}")
+        choice = ""
+        while choice not in ("a", "r", "s", "q"):
+            try:
+                choice = input("  [a]ccept, [r]eject, [s]kip, [q]uit? ").strip().lower()[:1]
+            except EOFError:
+                choice = "q"
+        if choice == "q":
+            break
+        if choice in ("a", "r"):
+            decision = review.decide(engine, int(row.feedback_id), "accept" if choice == "a" else "reject",
+                                     actor, "decided in llmops feedback review")
+            decided += 1
+            print(f"  -> {decision.state} by {decision.reviewed_by}")
+    print(f"\n{decided} corrections decided; {len(queue) - decided} left for later")
+    return 0
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from llmops_dagster.feedback import review
+
+    engine = _database().engine()
+    actor = _actor(args)
+    try:
+        if args.feedback_command == "purge":
+            which = review.PurgeFilter(ids=tuple(args.id or ()), key_name=args.key, since=args.since,
+                                       until=args.until)
+            purged = review.purge(engine, which, actor=actor, reason=args.reason)
+            print(f"purged {len(purged)} feedback rows" + (f": {purged[:20]}" if purged else ""))
+            return 0
+        if not (args.accept or args.reject):
+            return _review_interactively(engine, actor)
+        for ids, decision in ((args.accept or [], "accept"), (args.reject or [], "reject")):
+            for feedback_id in ids:
+                result = review.decide(engine, feedback_id, decision, actor, args.note)
+                print(f"feedback {result.feedback_id}: {result.state} by {result.reviewed_by}")
+    except review.ReviewError as error:
+        print(f"llmops feedback: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_trust_parsers(commands) -> None:
+    keys = commands.add_parser("keys", help="API keys of clients, raters and reviewers")
+    keys.set_defaults(handler=cmd_keys)
+    key_actions = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_actions.add_parser("create", help="a new key, printed once")
+    create.add_argument("name", type=utf8_text)
+    create.add_argument("--role", required=True, choices=["client", "rater", "reviewer"])
+    create.add_argument("--by", type=utf8_text, help="who creates it (default: $USER)")
+    key_actions.add_parser("list", help="every key, never the key itself")
+    revoke = key_actions.add_parser("revoke", help="revoke a key (its name is never reused)")
+    revoke.add_argument("name", type=utf8_text)
+    revoke.add_argument("--by", type=utf8_text, help="who revokes it (default: $USER)")
+
+    feedback = commands.add_parser("feedback", help="review corrections, purge feedback")
+    feedback.set_defaults(handler=cmd_feedback)
+    actions = feedback.add_subparsers(dest="feedback_command", required=True)
+    review_parser = actions.add_parser("review", help="accept or reject corrections waiting for review")
+    review_parser.add_argument("--accept", type=positive_int, nargs="+", metavar="ID")
+    review_parser.add_argument("--reject", type=positive_int, nargs="+", metavar="ID")
+    review_parser.add_argument("--note", type=utf8_text, default="", help="why (kept in the audit log)")
+    review_parser.add_argument("--by", type=utf8_text, help="reviewer (default: $USER)")
+    purge = actions.add_parser("purge", help="delete feedback rows, leaving audit records")
+    purge.add_argument("--id", type=positive_int, nargs="+", metavar="ID")
+    purge.add_argument("--key", type=utf8_text, help="rows sent with this API key (its name)")
+    purge.add_argument("--since", type=timestamp, help="rows created at or after (ISO 8601)")
+    purge.add_argument("--until", type=timestamp, help="rows created before (ISO 8601)")
+    purge.add_argument("--reason", type=utf8_text, required=True, help="why (kept in the audit log)")
+    purge.add_argument("--by", type=utf8_text, help="who purges (default: $USER)")
+
+
 def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
     """The trace as an HTML page whose products link to their materializations in the Dagster UI."""
     import types
@@ -328,6 +456,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(f"source rows   {rows['count']} training rows ({rows['from_feedback']} from feedback); first:")
     for row in rows["sample"]:
         print(f"  row {row['row']:>6}  {row['prompt'][:60]!r} -> {row['response'][:50]!r}")
+    if rows["corrections"]:
+        print("corrections   training rows from people's corrections:")
+    for c in rows["corrections"]:
+        when = f"{c['reviewed_at']:%Y-%m-%d %H:%M:%S}" if c["reviewed_at"] else "-"
+        sent_with = f"key {c['api_key']}" if c["api_key"] else "its feedback token"
+        print(f"  feedback {c['feedback_id']:>6}  answer {c['response_id']}  rater {c['rater']} "
+              f"(sent with {sent_with})  {c['review_state']} by {c['reviewed_by']} at {when}")
     return 0
 
 
@@ -349,6 +484,17 @@ def utf8_text(value: str) -> str:
     except UnicodeEncodeError:
         raise argparse.ArgumentTypeError("is not valid UTF-8 text") from None
     return value
+
+
+def timestamp(value: str):
+    """An argparse type: an ISO 8601 date or time (UTC when it names no zone)."""
+    from datetime import datetime
+
+    try:
+        parsed = datetime.fromisoformat(utf8_text(value))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def response_id(value: str) -> str:
@@ -386,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     quarantine.add_argument("-n", type=positive_int, default=20, help="rows to show")
     quarantine.set_defaults(handler=cmd_quarantine)
     _add_models_parser(commands)
+    _add_trust_parsers(commands)
     trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
     trace.add_argument("response_id", type=response_id)
     trace.add_argument("--rows", type=positive_int, default=5, help="source rows to show")

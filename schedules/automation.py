@@ -30,26 +30,28 @@ def nightly_retrain_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
 @dg.sensor(job=retrain_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResource,
                     loop_settings: LoopSettings):
-    """Retrain when new negative feedback on the production model reaches the threshold.
+    """Retrain when new counted negative feedback on the production model reaches the threshold.
 
-    The cursor is the highest feedback id already counted towards a run: below the threshold it
-    stays put (the rows keep counting); at the threshold it moves to the newest row, and the run
-    key names the window (after_id..last_id), so no row is counted twice or missed.
+    Only ratings that carry a credential count (an API key, or the feedback token of the answer),
+    once per answer and rater. The cursor is a PostgreSQL snapshot: the window is every counted
+    rating committed since, whatever its id, so a slow insert is neither missed nor counted twice.
+    Below the threshold the cursor stays put (the rows keep counting); at the threshold it moves
+    to the snapshot of this count, and the run key names the window.
     """
     engine = database.engine()
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
-    after = int(context.cursor or 0)
-    window = traffic_log.new_negative_feedback(engine, after, production.version)
+    since = context.cursor if traffic_log.is_snapshot(context.cursor) else None
+    window = traffic_log.new_negative_feedback(engine, since, production.version)
     if window.negative < loop_settings.feedback_threshold:
-        return dg.SkipReason(f"{window.negative} new negative ratings on {production.version} since "
-                             f"feedback {after}; threshold {loop_settings.feedback_threshold}")
-    context.update_cursor(str(window.last_id))
+        return dg.SkipReason(f"{window.negative} new counted negative ratings on {production.version}; "
+                             f"threshold {loop_settings.feedback_threshold}")
+    context.update_cursor(window.until)
     return dg.RunRequest(
-        run_key=f"feedback-{window.after_id}-{window.last_id}",
+        run_key=f"feedback-{window.key}",
         tags={"llmops/trigger": "feedback", "llmops/negative_feedback": str(window.negative),
-              "llmops/feedback_window": f"{window.after_id}..{window.last_id}"},
+              "llmops/feedback_window": window.key},
     )
 
 

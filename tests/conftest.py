@@ -24,6 +24,9 @@ from llmops_dagster import database
 SERVING_HTTP_PORT = int(os.environ.get("LLMOPS_TEST_HTTP_PORT", "8011"))
 SERVING_GCS_PORT = int(os.environ.get("LLMOPS_TEST_RAY_PORT", "6391"))
 SERVED_TEMPLATE_DATABASE = "served_template"
+# Tests send thousands of requests from 127.0.0.1 on purpose; the rate limits have tests of their
+# own (test_feedback_trust.py), which redeploy with small ones.
+UNLIMITED = {"generate_rate_limit": "1000000/minute", "feedback_rate_limit": "1000000/minute"}
 
 
 @pytest.fixture(scope="session")
@@ -190,7 +193,8 @@ def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tm
         "trainer": TrainerResource(),
         "ray_serve": ray_serve,
     }
-    result = dg.materialize([serving_deployment], resources=resources, instance=instance)
+    result = dg.materialize([serving_deployment], resources=resources, instance=instance,
+                            run_config={"ops": {"serving_deployment": {"config": UNLIMITED}}})
     assert result.success
     [event] = result.asset_materializations_for_node("serving_deployment")
     assert event.metadata["model_version"].value == served_template["version"]

@@ -1,10 +1,16 @@
-"""Metrics, the paired bootstrap and the approval policy as pure functions (no models)."""
+"""Metrics, the paired bootstrap, the trusted split and the feedback slice, and the approval policy
+as pure functions; then evaluate() on a tiny scratch model (no training)."""
+
+import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from llmops_dagster.evaluation import scoring
 from llmops_dagster.evaluation.scoring import exact_match, paired_bootstrap, token_f1
 from llmops_dagster.governance.policy import Policy, judge
+from llmops_dagster.prompts import templates
 
 
 @pytest.mark.parametrize(
@@ -60,3 +66,112 @@ def test_loss_above_threshold_and_failed_upstream_checks_block():
         "loss 0.5000 is above the threshold 0.4000 (gap 0.1000)",
         "upstream blocking check failed: validated_dataset:q",
     ]
+
+
+HOLDS = {"metric": "token_f1", "mean_difference": 0.0, "ci_low": -0.005, "ci_high": 0.005}
+REGRESSES = {"metric": "token_f1", "mean_difference": -0.4, "ci_low": -0.5, "ci_high": -0.3}
+FEEDBACK_RULE = "token_f1 vs champion on the feedback slice (bootstrap 95% lower bound)"
+
+
+def test_a_feedback_slice_regression_is_informational_under_the_default_policy():
+    decision = judge(Policy(), GOOD, HOLDS, feedback_comparison=REGRESSES)
+    assert decision.passed
+    [check] = [c for c in decision.checks if c["rule"] == FEEDBACK_RULE]
+    assert check == {"rule": FEEDBACK_RULE, "value": -0.5, "threshold": "informational", "passed": True}
+
+
+def test_a_feedback_slice_regression_blocks_when_the_policy_asks_for_both():
+    strict = Policy(require_trusted_no_regression=False)
+    decision = judge(strict, GOOD, HOLDS, feedback_comparison=REGRESSES)
+    assert decision.failures == [f"{FEEDBACK_RULE} -0.5000 is below the threshold -0.0200 (gap 0.4800)"]
+    assert judge(strict, GOOD, HOLDS, feedback_comparison=HOLDS).passed
+    assert judge(strict, GOOD, HOLDS, feedback_comparison=None).passed  # no feedback examples
+    # The trusted split gates either way.
+    assert not judge(Policy(), GOOD, REGRESSES, feedback_comparison=HOLDS).passed
+
+
+def accepted(feedback_ids) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "prompt": ["where is A1?", "where is A2?", "cancel A3"],
+        "response": ["It ships today.", "It shipped.", "Cancelled."],
+        "intent": ["order_status", "order_status", "feedback_correction"],
+        "split": ["eval", "eval", "eval"],
+        "_row_number": [1, 2, 3],
+    })
+    if feedback_ids is not None:
+        frame["feedback_id"] = pd.array(feedback_ids, dtype="Int64")
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("feedback_ids", "written"),
+    [([None, None, 7], [None, None, 7]), (None, [None, None, None]), ([None, None, None], [None] * 3)],
+    ids=["mixed", "no column", "all trusted"],
+)
+def test_prompt_set_records_carry_the_feedback_id_as_int_or_null(tmp_path, feedback_ids, written):
+    template = templates.PromptTemplate(name="t", text="Customer: {{ prompt }}\nAssistant:")
+    records = templates.render_records(template, accepted(feedback_ids))
+    templates.write_prompt_set(tmp_path, records, template)
+    text = (tmp_path / "eval.jsonl").read_text(encoding="utf-8")
+    assert "NaN" not in text and "<NA>" not in text
+    assert [json.loads(line)["feedback_id"] for line in text.splitlines()] == written
+
+
+def test_max_examples_counts_trusted_records_and_the_feedback_slice_has_its_own_cap():
+    records = [{"prompt": str(i), "feedback_id": 100 + i if i % 3 == 0 else None} for i in range(10)]
+    records.append({"prompt": "written before feedback_id existed"})
+    trusted, feedback = scoring.split_eval_records(records, max_examples=4, max_feedback_examples=2)
+    assert [r["prompt"] for r in trusted] == ["1", "2", "4", "5"]
+    assert [r["feedback_id"] for r in feedback] == [100, 103]
+    trusted, feedback = scoring.split_eval_records(records, max_examples=100, max_feedback_examples=100)
+    assert len(trusted) == 7 and len(feedback) == 4
+
+
+def test_a_report_stored_before_the_feedback_slice_reads_as_one_without_it():
+    assert scoring.read_comparison({}) == (None, {"examples": 0, "metrics": {}, "comparison": None})
+    assert scoring.read_comparison(HOLDS) == (HOLDS, {"examples": 0, "metrics": {}, "comparison": None})
+
+
+TEXTS = [f"Customer: where is order A{10000 + i}? Assistant: order A{10000 + i} ships today."
+         for i in range(100)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from llmops_dagster.training.base_model import ScratchModelSpec, build_scratch_model
+
+    folder = tmp_path_factory.mktemp("base")
+    build_scratch_model(TEXTS, ScratchModelSpec(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2), folder)
+    return str(folder)
+
+
+def test_evaluate_scores_the_feedback_slice_apart_and_the_loss_on_the_scored_records(tiny_model,
+                                                                                    tmp_path):
+    from llmops_dagster.training.examples import encode_records, evaluate_loss
+
+    def record(i: int, feedback_id: int | None) -> dict:
+        answer = f" order A{10000 + i} ships today." if feedback_id is None else " Refunds take 5 days."
+        return {"prompt": f"Customer: where is order A{10000 + i}? Assistant:", "completion": answer,
+                "intent": "order_status", "source_row": i, "feedback_id": feedback_id}
+
+    # Feedback records first: a prefix of the file is not the trusted records.
+    records = [record(i, 500 + i) for i in range(3)] + [record(i, None) for i in range(3, 8)]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    models = {"candidate": tiny_model, "champion": tiny_model, "base": tiny_model}
+    report = scoring.evaluate(models, eval_file, max_examples=4, max_new_tokens=4, seq_len=48,
+                              bootstrap_samples=50, seed=0, max_feedback_examples=2)
+
+    assert report.metrics()["candidate"]["examples"] == 4
+    assert set(report.feedback_metrics()) == set(models) and report.feedback_examples() == 2
+    assert report.comparison["examples"] == 4 and report.feedback_comparison["examples"] == 2
+    model, tokenizer = scoring.load_model(tiny_model)
+    trusted_loss = evaluate_loss(model, encode_records(records[3:7], tokenizer, 48))
+    assert report.scores["candidate"].loss == pytest.approx(trusted_loss)
+    assert report.feedback_scores["candidate"].loss != pytest.approx(trusted_loss)
+
+    comparison, feedback_slice = scoring.read_comparison(json.loads(json.dumps(report.stored_comparison())))
+    assert comparison == report.comparison
+    assert feedback_slice == {"examples": 2, "metrics": report.feedback_metrics(),
+                              "comparison": report.feedback_comparison}

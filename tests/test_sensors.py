@@ -12,6 +12,7 @@ from llmops_dagster import database
 from llmops_dagster.dataset import embeddings
 from llmops_dagster.dataset.synthetic_data import generate_examples
 from llmops_dagster.governance import registry
+from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
@@ -37,8 +38,10 @@ def engine(platform_db, monkeypatch):
     return engine
 
 
-def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = None) -> None:
-    """Rows as the serving app writes them: a request log entry each, and a rating when given."""
+def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = None,
+          counted: bool = True) -> None:
+    """Rows as the serving app writes them: a request log entry each, and a rating when given
+    (counted: as sent with the answer's feedback token; not counted: as sent with no credential)."""
     with engine.begin() as connection:
         for index, prompt in enumerate(prompts):
             response_id = str(uuid.uuid4())
@@ -48,8 +51,11 @@ def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = 
                                                                        "p": prompt})
             if ratings is not None:
                 connection.execute(sa.text(
-                    "INSERT INTO feedback (response_id, client_id, rating) VALUES (:id, 'c', :r)"),
-                    {"id": response_id, "r": ratings[index]})
+                    "INSERT INTO feedback (response_id, client_id, rating, rater, credential, counted) "
+                    "VALUES (:id, 'c', :r, :rater, :credential, :counted)"),
+                    {"id": response_id, "r": ratings[index], "counted": counted,
+                     "rater": f"token:{response_id}" if counted else "anonymous",
+                     "credential": "feedback_token" if counted else "none"})
 
 
 def evaluate(sensor, instance, cursor=None, **settings):
@@ -61,27 +67,54 @@ def evaluate(sensor, instance, cursor=None, **settings):
 
 def test_feedback_sensor_counts_every_row_once(engine, instance):
     serve(engine, "v1", ["old model"] * 5, [-1] * 5)  # not the production model: never counted
+    serve(engine, "v2", ["q"] * 30, [-1] * 30, counted=False)  # no credential: stored, never counted
     serve(engine, "v2", ["q"] * 19, [-1] * 19)
     result, cursor = evaluate(feedback_sensor, instance)
-    assert isinstance(result, dg.SkipReason) and "19 new negative ratings" in result.skip_message
+    assert isinstance(result, dg.SkipReason) and "19 new counted negative ratings" in result.skip_message
     assert cursor is None  # below the threshold the rows keep counting
 
     serve(engine, "v2", ["q"] * 3, [1, 1, -1])
     result, cursor = evaluate(feedback_sensor, instance)
-    assert isinstance(result, dg.RunRequest)
-    last_id = engine.connect().execute(sa.text("SELECT max(id) FROM feedback")).scalar()
-    assert result.run_key == f"feedback-0-{last_id}" and cursor == str(last_id)
+    assert isinstance(result, dg.RunRequest) and result.tags["llmops/negative_feedback"] == "20"
+    assert traffic_log.is_snapshot(cursor)
 
     again, same_cursor = evaluate(feedback_sensor, instance, cursor=cursor)
     assert isinstance(again, dg.SkipReason) and same_cursor == cursor
-    # A daemon restarted before its cursor was saved sees the same window: the same run_key, which
-    # Dagster never launches twice.
+    # A daemon restarted before its cursor was saved sees the same rows: the same run_key, which
+    # Dagster never launches twice (the snapshot moved with other transactions; the key did not).
+    with engine.begin() as connection:
+        connection.execute(sa.text("SELECT pg_current_xact_id()"))  # another transaction meanwhile
     restarted, _ = evaluate(feedback_sensor, instance, cursor=None)
     assert restarted.run_key == result.run_key
 
     serve(engine, "v2", ["q"] * 20, [-1] * 20)
     following, next_cursor = evaluate(feedback_sensor, instance, cursor=cursor)
-    assert following.run_key == f"feedback-{last_id}-{last_id + 20}" and next_cursor == str(last_id + 20)
+    assert following.tags["llmops/negative_feedback"] == "20" and following.run_key != result.run_key
+    assert next_cursor != cursor
+
+
+def test_a_rating_committed_late_is_counted_by_the_sensor_exactly_once(engine, instance):
+    """A counted rating whose insert took a lower id but committed after 20 later ones is not in
+    the window those 20 fire, and is counted by the next window, once."""
+    serve(engine, "v2", ["early"])
+    held = engine.connect()
+    transaction = held.begin()
+    response_id = held.execute(sa.text("SELECT response_id FROM request_log LIMIT 1")).scalar_one()
+    held_id = held.execute(sa.text(
+        "INSERT INTO feedback (response_id, client_id, rating, rater, credential, counted) "
+        "VALUES (:id, 'held', -1, 'token:held', 'feedback_token', true) RETURNING id"),
+        {"id": response_id}).scalar_one()
+    serve(engine, "v2", ["q"] * 20, [-1] * 20)  # ids above held_id, committed first
+    fired, cursor = evaluate(feedback_sensor, instance)
+    assert fired.tags["llmops/negative_feedback"] == "20"
+    transaction.commit()
+    held.close()
+    late, cursor = evaluate(feedback_sensor, instance, cursor=cursor, feedback_threshold=1)
+    assert isinstance(late, dg.RunRequest) and late.tags["llmops/negative_feedback"] == "1"
+    window = traffic_log.new_negative_feedback(engine, None, "v2")
+    assert window.negative == 21 and window.newest_id > held_id
+    again, _ = evaluate(feedback_sensor, instance, cursor=cursor, feedback_threshold=1)
+    assert isinstance(again, dg.SkipReason) and again.skip_message.startswith("0 new")
 
 
 def test_drift_sensor_fires_on_a_new_topic_only(engine, instance):
@@ -153,7 +186,6 @@ def test_a_rating_committed_late_is_curated_exactly_once(engine):
     """A rating whose insert took a lower id but committed after later ones is curated by the next
     curation, once: curation selects rows not yet curated, not "id above the highest curated"."""
     from llmops_dagster.feedback import curation
-    from llmops_dagster.serving import traffic_log
 
     serve(engine, "v2", ["early"])
     held = engine.connect()  # a rating in a transaction that stays open while others commit

@@ -1,8 +1,9 @@
 """The loop under live traffic, on real Ray Serve, DeepSpeed and PostgreSQL: while about 2,000
 requests arrive at about 20 per second, negative feedback with corrections makes feedback_sensor
-request a retraining; the run curates the feedback, trains a new model on data that includes those
-corrections, approves it under the default policy and rolls it out; then a registry rollback
-redeploys the previous version. Not one request may fail.
+request a retraining; a reviewer accepts all corrections but one; the run curates the feedback,
+trains a new model on data that includes the accepted corrections (and `llmops trace` of its answers
+names each one's feedback id, key and reviewer), approves it under the default policy and rolls it
+out; then a registry rollback redeploys the previous version. Not one request may fail.
 
 Touches: the session's default model served from a database of this test's own (a copy of the
 template), a fresh Dagster instance and artifact root; 127.0.0.1 only."""
@@ -23,8 +24,10 @@ from assets.governance import approved_model
 from assets.prompts import prompt_set
 from assets.serving import serving_deployment
 from assets.training import base_model, finetuned_checkpoint
+from llmops_dagster import cli
 from llmops_dagster.dataset.dataset_store import read_accepted
 from llmops_dagster.governance import registry
+from llmops_dagster.serving import credentials
 from resources.loop_settings import LoopSettings
 from schedules.automation import feedback_sensor
 
@@ -32,9 +35,9 @@ RATE_PER_S = 20
 MIN_REQUESTS = 2000
 
 
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+def post(url: str, body: dict, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
 
@@ -75,24 +78,36 @@ def materialize(served_model, assets, ops=None, tags=None):
     return result
 
 
-def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(served_model):
+def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(served_model, capsys):
     url, engine, first = served_model["url"], served_model["engine"], served_model["version"]
     load = Load(url)
     load.thread.start()
 
+    # A shop front-end asks with its client key and passes each answer's feedback token to the
+    # person, who rates it down with a correction; a reviewer accepts all but one.
+    _, client_key = credentials.create_key(engine, "shop-frontend", "client", created_by="test")
+    _, reviewer_key = credentials.create_key(engine, "alice", "reviewer", created_by="test")
     corrections = {}
-    for number in range(8):
-        answer = post(f"{url}/v1/generate", {"prompt": f"Hello, please cancel order A5{number}123."})
+    for number in range(9):
+        answer = post(f"{url}/v1/generate", {"prompt": f"Hello, please cancel order A5{number}123."},
+                      key=client_key)
         correction = f"Order A5{number}123 is cancelled. The payment hold is released within 3 business days."
         stored = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
-                                             "correction": correction, "client_id": "rollout-test"})
+                                             "correction": correction, "feedback_token":
+                                             answer["feedback_token"]})
+        assert stored["counted"] and stored["review"] == "pending"
         corrections[stored["feedback_id"]] = correction
+    rejected = max(corrections)
+    for feedback_id in corrections:
+        decision = "reject" if feedback_id == rejected else "accept"
+        post(f"{url}/v1/reviews/{feedback_id}", {"decision": decision, "note": "checked"}, key=reviewer_key)
+    accepted = set(corrections) - {rejected}
 
     context = dg.build_sensor_context(instance=served_model["instance"], resources={
         "database": served_model["resources"]["database"],
         "loop_settings": LoopSettings(feedback_threshold=len(corrections))})
     request = feedback_sensor(context)
-    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("feedback-0-")
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("feedback-")
     # This test's own instance has no history: the retrain runs from raw_examples on.
     result = materialize(served_model, [feedback_table, raw_examples, validated_dataset, prompt_set,
                                         base_model, finetuned_checkpoint, eval_report, approved_model,
@@ -108,7 +123,18 @@ def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(
             sa.text("SELECT path FROM dataset_versions WHERE version = :v"),
             {"v": new_model.dataset_version}).scalar_one()
     rows = read_accepted(dataset_path)
-    assert set(corrections) <= set(rows["feedback_id"].dropna().astype(int))  # in its lineage
+    assert set(rows["feedback_id"].dropna().astype(int)) == accepted  # reviewed corrections only
+
+    # The new model's answers trace back to the corrections behind its training rows, each with
+    # its feedback id, the key it came with and its reviewer.
+    response_id = post(f"{url}/v1/generate", {"prompt": "Hello, please cancel order A50123."})["response_id"]
+    assert cli.main(["trace", response_id]) == 0
+    printed = capsys.readouterr().out
+    train_ids = set(rows[rows["split"] == "train"]["feedback_id"].dropna().astype(int))
+    assert train_ids
+    for feedback_id in train_ids:
+        assert (f"feedback {feedback_id:>6}" in printed and "rater key:shop-frontend" in printed
+                and "accepted by key:alice" in printed), printed
 
     restored = registry.rollback(engine, actor="tester", reason="rollout drill")
     assert restored.version == first

@@ -121,25 +121,60 @@ class QuarantineCheck:
     message: str
 
 
-def quarantine_check(report: ValidationReport, max_share: float) -> QuarantineCheck:
+def quarantine_check(report: ValidationReport, max_share: float,
+                     raw_rows: int | None = None) -> QuarantineCheck:
+    """The blocking gate on the source's rows (the first `raw_rows`; all when None): feedback
+    examples after them have a budget of their own (feedback_budget) and never count here."""
     if report.missing_columns:
         names = ", ".join(repr(c) for c in report.missing_columns)
         return QuarantineCheck(False, f"required column(s) {names} missing from the source; "
                                       f"all {report.rows_input} rows quarantined")
-    share = report.quarantined_share
+    rows = report.rows_input if raw_rows is None else raw_rows
+    quarantined = report.quarantined
+    if raw_rows is not None:
+        quarantined = quarantined[quarantined["row_number"] <= raw_rows]
+    share = len(quarantined) / rows if rows else 0.0
     if share > max_share:
-        first = "; ".join(
-            f"row {r.row_number}: {r.reasons[0]}" for r in report.quarantined.head(5).itertuples()
-        )
+        first = "; ".join(f"row {r.row_number}: {r.reasons[0]}" for r in quarantined.head(5).itertuples())
         return QuarantineCheck(
             False,
-            f"{report.rows_quarantined} of {report.rows_input} rows quarantined ({share:.1%}), "
+            f"{len(quarantined)} of {rows} source rows quarantined ({share:.1%}), "
             f"above the {max_share:.1%} threshold (max_quarantined_share). First: {first}",
         )
     return QuarantineCheck(
-        True, f"{report.rows_quarantined} of {report.rows_input} rows quarantined ({share:.1%}), "
+        True, f"{len(quarantined)} of {rows} source rows quarantined ({share:.1%}), "
               f"within the {max_share:.1%} threshold",
     )
+
+
+@dataclass(frozen=True)
+class FeedbackBudget:
+    """The feedback examples' own quarantine budget: over it, every feedback example of this
+    version is left out (training goes on with the source's rows) and the non-blocking check says so."""
+
+    rows: int  # feedback examples validated
+    quarantined: int
+    max_share: float
+
+    @property
+    def share(self) -> float:
+        return self.quarantined / self.rows if self.rows else 0.0
+
+    @property
+    def within(self) -> bool:
+        return self.share <= self.max_share
+
+    def message(self) -> str:
+        verdict = ("within" if self.within else "above") + f" the {self.max_share:.1%} budget"
+        outcome = "" if self.within else "; every feedback example is left out of this version"
+        return (f"{self.quarantined} of {self.rows} feedback examples quarantined ({self.share:.1%}), "
+                f"{verdict} (max_feedback_quarantined_share){outcome}")
+
+
+def feedback_budget(report: ValidationReport, raw_rows: int, max_share: float) -> FeedbackBudget:
+    """Quarantine of the feedback examples (rows after the first `raw_rows`) against their budget."""
+    quarantined = int((report.quarantined["row_number"] > raw_rows).sum()) if report.rows_quarantined else 0
+    return FeedbackBudget(rows=report.rows_input - raw_rows, quarantined=quarantined, max_share=max_share)
 
 
 def checks_markdown(report: ValidationReport) -> str:

@@ -1,6 +1,11 @@
 """Evaluating models on the held-out eval split: loss and perplexity, exact match, token F1, the
 same per intent, generation latency, and a paired bootstrap of candidate minus champion.
 
+The eval split has two parts. The trusted split (records without a feedback_id) gives the main
+metrics, the per-intent slices and the comparison the policy gates on. The feedback slice (records
+made from people's corrections of served answers) is scored on its own, with its own comparison,
+so corrections cannot hide a regression on the trusted examples, nor be hidden by them.
+
 Every model is loaded through `from_pretrained` from a local folder and answers each eval prompt
 with greedy decoding, one request at a time, as a served model would.
 """
@@ -19,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 MAIN_METRIC = "token_f1"
+FEEDBACK_SLICE = "feedback_slice"  # key of the feedback slice inside the stored comparison
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -59,11 +65,21 @@ def paired_bootstrap(candidate: np.ndarray, champion: np.ndarray, samples: int =
     }
 
 
-def load_eval_records(eval_file: str | Path, max_examples: int) -> list[dict]:
-    """The first `max_examples` records of a prompt set's eval.jsonl (its order is fixed)."""
+def split_eval_records(records: list[dict], max_examples: int,
+                       max_feedback_examples: int) -> tuple[list[dict], list[dict]]:
+    """The first `max_examples` trusted records (feedback_id None or absent, as in prompt sets
+    written before it) and the first `max_feedback_examples` feedback-derived ones."""
+    trusted = [r for r in records if r.get("feedback_id") is None]
+    feedback = [r for r in records if r.get("feedback_id") is not None]
+    return trusted[:max_examples], feedback[:max_feedback_examples]
+
+
+def load_eval_records(eval_file: str | Path, max_examples: int,
+                      max_feedback_examples: int) -> tuple[list[dict], list[dict]]:
+    """`split_eval_records` of a prompt set's eval.jsonl (its order is fixed)."""
     from llmops_dagster.prompts.templates import read_records
 
-    return read_records(Path(eval_file))[:max_examples]
+    return split_eval_records(read_records(Path(eval_file)), max_examples, max_feedback_examples)
 
 
 @dataclass
@@ -93,17 +109,23 @@ class ModelScores:
         return {intent: row.to_dict() for intent, row in grouped.iterrows()}
 
 
-def score_model(name: str, path: str, records: list[dict], max_new_tokens: int, seq_len: int,
-                eval_file: str | Path) -> ModelScores:
-    """Greedy answers to every record (one request at a time, timed) and the eval loss."""
-    import torch
+def load_model(path: str) -> tuple:
+    """The model and its tokenizer, from a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmops_dagster.training.examples import encode_examples, evaluate_loss
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    model.eval()
+
+def score_model(name: str, path: str, records: list[dict], max_new_tokens: int, seq_len: int,
+                loaded: tuple | None = None) -> ModelScores:
+    """Greedy answers to every record (one request at a time, timed) and the teacher-forced loss
+    on exactly those records. `loaded`: `load_model(path)` already done, to score several sets."""
+    import torch
+
+    from llmops_dagster.training.examples import encode_records, evaluate_loss
+
+    model, tokenizer = loaded or load_model(path)
+    model.eval()  # no dropout while answering; evaluate_loss leaves a model in train mode
     rows = []
     with torch.inference_mode():
         for record in records:
@@ -126,16 +148,28 @@ def score_model(name: str, path: str, records: list[dict], max_new_tokens: int, 
                 "latency_ms": latency_ms,
                 "prediction": prediction,
             })
-    encoded = encode_examples(str(eval_file), tokenizer, seq_len)
-    encoded = {k: v[: len(records)] for k, v in encoded.items()}
     return ModelScores(name=name, path=path, per_example=pd.DataFrame(rows),
-                       loss=evaluate_loss(model, encoded))
+                       loss=evaluate_loss(model, encode_records(records, tokenizer, seq_len)))
+
+
+def compare(scores: dict[str, ModelScores], samples: int, seed: int) -> dict | None:
+    """Paired bootstrap of candidate minus champion on MAIN_METRIC; None without a champion."""
+    if "champion" not in scores:
+        return None
+    comparison = paired_bootstrap(
+        scores["candidate"].per_example[MAIN_METRIC].to_numpy(),
+        scores["champion"].per_example[MAIN_METRIC].to_numpy(),
+        samples=samples, seed=seed,
+    )
+    return {**comparison, "metric": MAIN_METRIC}
 
 
 @dataclass
 class EvalReport:
-    scores: dict[str, ModelScores]  # by role: candidate, champion (when there is one), base
-    comparison: dict | None  # paired bootstrap on MAIN_METRIC, candidate - champion
+    scores: dict[str, ModelScores]  # trusted split, by role: candidate, champion (if any), base
+    comparison: dict | None  # trusted split: paired bootstrap on MAIN_METRIC, candidate - champion
+    feedback_scores: dict[str, ModelScores] = field(default_factory=dict)  # {} without examples
+    feedback_comparison: dict | None = None  # the same bootstrap on the feedback slice
 
     def metrics(self) -> dict:
         return {role: s.summary() for role, s in self.scores.items()}
@@ -143,29 +177,53 @@ class EvalReport:
     def slices(self) -> dict:
         return {role: s.slices() for role, s in self.scores.items()}
 
+    def feedback_metrics(self) -> dict:
+        return {role: s.summary() for role, s in self.feedback_scores.items()}
+
+    def feedback_examples(self) -> int:
+        return len(self.feedback_scores["candidate"].per_example) if self.feedback_scores else 0
+
+    def stored_comparison(self) -> dict:
+        """The comparison column: the trusted bootstrap's keys ({} without a champion), and under
+        FEEDBACK_SLICE the slice's examples, metrics by role and bootstrap (None without a champion
+        or examples). Read it back with `read_comparison`."""
+        return {**(self.comparison or {}),
+                FEEDBACK_SLICE: {"examples": self.feedback_examples(),
+                                 "metrics": self.feedback_metrics(),
+                                 "comparison": self.feedback_comparison}}
+
+
+def read_comparison(stored: dict) -> tuple[dict | None, dict]:
+    """(trusted bootstrap or None, feedback slice) from a stored report's comparison column; a
+    report stored before the feedback slice existed reads as one with no feedback examples."""
+    trusted = {k: v for k, v in stored.items() if k != FEEDBACK_SLICE}
+    feedback = stored.get(FEEDBACK_SLICE) or {"examples": 0, "metrics": {}, "comparison": None}
+    return trusted or None, feedback
+
 
 def evaluate(models: dict[str, str], eval_file: str | Path, max_examples: int, max_new_tokens: int,
-             seq_len: int, bootstrap_samples: int, seed: int) -> EvalReport:
-    """Score every model (role -> folder) on the same eval records; compare candidate to champion."""
-    records = load_eval_records(eval_file, max_examples)
+             seq_len: int, bootstrap_samples: int, seed: int,
+             max_feedback_examples: int = 200) -> EvalReport:
+    """Score every model (role -> folder) on the same trusted records and, when the eval split has
+    any, the same feedback-derived records; compare candidate to champion on each."""
+    records, feedback = load_eval_records(eval_file, max_examples, max_feedback_examples)
     if not records:
-        raise ValueError(f"the eval split {eval_file} is empty: nothing to evaluate on")
-    scores = {role: score_model(role, path, records, max_new_tokens, seq_len, eval_file)
-              for role, path in models.items()}
-    comparison = None
-    if "champion" in scores:
-        comparison = paired_bootstrap(
-            scores["candidate"].per_example[MAIN_METRIC].to_numpy(),
-            scores["champion"].per_example[MAIN_METRIC].to_numpy(),
-            samples=bootstrap_samples, seed=seed,
-        )
-        comparison["metric"] = MAIN_METRIC
-    return EvalReport(scores=scores, comparison=comparison)
+        raise ValueError(f"the eval split {eval_file} has no trusted records: nothing to evaluate on")
+    scores, feedback_scores = {}, {}
+    for role, path in models.items():
+        loaded = load_model(path)
+        scores[role] = score_model(role, path, records, max_new_tokens, seq_len, loaded)
+        if feedback:
+            feedback_scores[role] = score_model(role, path, feedback, max_new_tokens, seq_len, loaded)
+    return EvalReport(scores=scores, comparison=compare(scores, bootstrap_samples, seed),
+                      feedback_scores=feedback_scores,
+                      feedback_comparison=compare(feedback_scores, bootstrap_samples, seed))
 
 
 def store_report(engine, report: EvalReport, candidate_version: str, champion_version: str | None,
                  dataset_version: str, prompt_set_version: str) -> int:
-    """Insert the report into eval_reports; return its id."""
+    """Insert the report into eval_reports; return its id. metrics and slices are the trusted
+    split's; comparison is `report.stored_comparison()` (the feedback slice inside it)."""
     import sqlalchemy as sa
 
     with engine.begin() as connection:
@@ -178,7 +236,8 @@ def store_report(engine, report: EvalReport, candidate_version: str, champion_ve
             ),
             {"candidate": candidate_version, "champion": champion_version, "dataset": dataset_version,
              "prompts": prompt_set_version, "metrics": json.dumps(report.metrics()),
-             "slices": json.dumps(report.slices()), "comparison": json.dumps(report.comparison or {})},
+             "slices": json.dumps(report.slices()),
+             "comparison": json.dumps(report.stored_comparison())},
         ).scalar_one()
 
 

@@ -44,15 +44,30 @@ def counts_by_rating_and_model(engine: sa.Engine) -> pd.DataFrame:
         )
 
 
-def correction_examples(engine: sa.Engine) -> pd.DataFrame:
-    """Every correction given with a down-vote as a training example (prompt, response, intent)
-    with provenance (feedback_id, response_id, model_version), oldest first, so the order is
-    deterministic. A "correction" sent with an up-vote contradicts its rating and is kept out."""
+def correction_examples(engine: sa.Engine, max_rows: int | None = None) -> pd.DataFrame:
+    """Reviewed corrections as training examples (prompt, response, intent) with provenance
+    (feedback_id, response_id, model_version, reviewer, API key), oldest first so the order is
+    deterministic; at most the newest `max_rows` (the cap per retrain).
+
+    A correction is training material only when it came with a down-vote (one sent with an up-vote
+    contradicts its rating) and a reviewer accepted it, or a key with a trusted role sent it."""
     with engine.connect() as connection:
         return pd.read_sql_query(
-            sa.text("SELECT feedback_id, response_id::text AS response_id, model_version, prompt, "
-                    "correction AS response FROM curated_feedback "
-                    "WHERE correction IS NOT NULL AND label = 'negative' "
+            sa.text("SELECT * FROM (SELECT c.feedback_id, c.response_id::text AS response_id, "
+                    "c.model_version, c.prompt, c.correction AS response, f.reviewed_by, "
+                    "k.name AS api_key FROM curated_feedback c JOIN feedback f ON f.id = c.feedback_id "
+                    "LEFT JOIN api_keys k ON k.id = f.api_key_id "
+                    "WHERE c.correction IS NOT NULL AND c.label = 'negative' "
+                    "AND f.review_state = 'accepted' ORDER BY c.feedback_id DESC LIMIT :cap) newest "
                     "ORDER BY feedback_id"),
-            connection,
+            connection, params={"cap": max_rows},
         ).assign(intent=FEEDBACK_INTENT)
+
+
+def review_counts(engine: sa.Engine) -> dict[str, int]:
+    """Corrections by review state: pending, accepted, rejected."""
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(
+            "SELECT review_state, count(*) FROM feedback WHERE review_state IS NOT NULL "
+            "GROUP BY review_state")).all()
+    return {"pending": 0, "accepted": 0, "rejected": 0, **{state: int(n) for state, n in rows}}

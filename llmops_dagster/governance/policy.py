@@ -21,6 +21,10 @@ class Policy:
     margin: float = field(default=0.02, metadata={
         "help": "The bootstrap 95% lower bound of candidate minus champion token F1 must exceed "
         "-margin (a retrain that differs only in seed stays above -0.006: benchmarks/bench_quality.py)."})
+    require_trusted_no_regression: bool = field(default=True, metadata={
+        "help": "Gate on the trusted eval split alone and report the feedback-derived slice for "
+        "information; when false, the candidate must not regress by more than margin on the "
+        "feedback slice either (when it has examples)."})
 
 
 @dataclass
@@ -34,9 +38,12 @@ class Decision:
 
 
 def judge(policy: Policy, candidate: dict, comparison: dict | None,
-          upstream_checks_failed: list[str] | None = None) -> Decision:
+          upstream_checks_failed: list[str] | None = None,
+          feedback_comparison: dict | None = None) -> Decision:
     """Apply the policy to the candidate's metrics and, when there is a champion, the paired
-    bootstrap of candidate minus champion. A first model (no champion) is judged on thresholds."""
+    bootstrap of candidate minus champion on the trusted split; `feedback_comparison` is the same
+    bootstrap on the feedback-derived slice (None without a champion or feedback examples). A first
+    model (no champion) is judged on thresholds."""
     decision = Decision(passed=True)
 
     def rule(name: str, value: float, threshold: float, at_least: bool) -> None:
@@ -55,6 +62,14 @@ def judge(policy: Policy, candidate: dict, comparison: dict | None,
     if comparison:
         rule(f"{comparison.get('metric', 'token_f1')} vs champion (bootstrap 95% lower bound)",
              comparison["ci_low"], -policy.margin, at_least=True)
+    if feedback_comparison:
+        name = (f"{feedback_comparison.get('metric', 'token_f1')} vs champion on the feedback slice "
+                f"(bootstrap 95% lower bound)")
+        if policy.require_trusted_no_regression:
+            decision.checks.append({"rule": name, "value": round(feedback_comparison["ci_low"], 4),
+                                    "threshold": "informational", "passed": True})
+        else:
+            rule(name, feedback_comparison["ci_low"], -policy.margin, at_least=True)
     for check in upstream_checks_failed or []:
         decision.failures.append(f"upstream blocking check failed: {check}")
         decision.checks.append({"rule": f"upstream check {check}", "value": "failed",

@@ -39,7 +39,8 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
                        f"dataset {model['dataset_version']!r}", v=model["dataset_version"])
     rows = read_accepted(dataset["path"])
     train = rows[rows["split"] == "train"]
-    from_feedback = int(train["feedback_id"].notna().sum()) if "feedback_id" in train else 0
+    feedback_ids = (sorted(int(i) for i in train["feedback_id"].dropna()) if "feedback_id" in train
+                    else [])
     sample = train.head(sample_rows)
     return {
         "response": response,
@@ -48,12 +49,30 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
         "dataset": dataset,
         "training_rows": {
             "count": len(train),
-            "from_feedback": from_feedback,
+            "from_feedback": len(feedback_ids),
+            "corrections": corrections_behind(engine, feedback_ids),
             "source": dataset["source"],
             "sample": [{"row": int(r["_row_number"]), "prompt": r["prompt"], "response": r["response"]}
                        for _, r in sample.iterrows()],
         },
     }
+
+
+def corrections_behind(engine: sa.Engine, feedback_ids: list[int]) -> list[dict]:
+    """Who stands behind each training row made from a correction: its feedback id, the answer it
+    corrected, the key it came with, and who accepted it when. A purged row says so (its audit
+    record keeps who purged it and why)."""
+    if not feedback_ids:
+        return []
+    with engine.connect() as connection:
+        found = {r["feedback_id"]: dict(r) for r in connection.execute(
+            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, f.rater, "
+                    "k.name AS api_key, f.review_state, f.reviewed_by, f.reviewed_at FROM feedback f "
+                    "LEFT JOIN api_keys k ON k.id = f.api_key_id WHERE f.id = ANY(:ids)"),
+            {"ids": feedback_ids}).mappings()}
+    return [found.get(i, {"feedback_id": i, "response_id": None, "rater": None, "api_key": None,
+                          "review_state": "purged", "reviewed_by": None, "reviewed_at": None})
+            for i in feedback_ids]
 
 
 def trace_html(chain: dict, links: dict[str, dict]) -> str:
@@ -108,4 +127,20 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
         f"<h1>Trace of a served answer</h1><table>{body}</table>"
         f"<h2>Training rows ({rows['count']}, {rows['from_feedback']} from feedback); first "
         f"{len(rows['sample'])}</h2><table class=rows><tr><th>row</th><th>prompt</th><th>response</th></tr>"
-        f"{sample}</table></body></html>")
+        f"{sample}</table>{_corrections_html(rows['corrections'])}</body></html>")
+
+
+def _corrections_html(corrections: list[dict]) -> str:
+    from html import escape
+
+    if not corrections:
+        return ""
+    columns = ("feedback", "answer corrected", "rater", "sent with", "review", "reviewer", "at")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{escape(str(value))}</td>" for value in (
+            c["feedback_id"], c["response_id"], c["rater"], c["api_key"] or "feedback token",
+            c["review_state"], c["reviewed_by"], c["reviewed_at"])) + "</tr>"
+        for c in corrections)
+    head = "".join(f"<th>{name}</th>" for name in columns)
+    return (f"<h2>Training rows from people's corrections</h2><table class=rows><tr>{head}</tr>"
+            f"{body}</table>")

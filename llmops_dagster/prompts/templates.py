@@ -18,6 +18,15 @@ TEMPLATE_SUFFIX = ".jinja"
 SPLIT_FILES = {"train": "train.jsonl", "eval": "eval.jsonl"}
 
 
+def record_features():
+    """The schema of a prompt-set record, for `datasets.load_dataset("json", features=...)`."""
+    from datasets import Features, Value
+
+    return Features({"prompt": Value("string"), "completion": Value("string"),
+                     "intent": Value("string"), "source_row": Value("int64"),
+                     "feedback_id": Value("int64")})
+
+
 class PromptTemplateError(ValueError):
     """The configured template is missing or does not render; the message names it."""
 
@@ -46,12 +55,26 @@ def load_template(prompts_dir: Path, name: str) -> PromptTemplate:
     return PromptTemplate(name=name, text=path.read_text(encoding="utf-8"))
 
 
+# Bumped when the record format changes, so that a prompt set written in an older format is never
+# reused as the new one (2: records carry feedback_id).
+RECORD_FORMAT = 2
+
+
 def prompt_set_version(template: PromptTemplate, dataset_version: str) -> str:
-    return hashlib.sha256(f"{template.sha}:{dataset_version}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{template.sha}:{dataset_version}:{RECORD_FORMAT}".encode()).hexdigest()[:16]
+
+
+def feedback_ids(accepted: pd.DataFrame) -> pd.Series:
+    """Each row's feedback id as an int, None for a trusted row (also when the column is missing).
+    Object dtype: a float column would write NaN, and pandas NA does not serialize to JSON."""
+    values = accepted["feedback_id"] if "feedback_id" in accepted else [None] * len(accepted)
+    return pd.Series([None if pd.isna(v) else int(v) for v in values], index=accepted.index,
+                     dtype=object)
 
 
 def render_records(template: PromptTemplate, accepted: pd.DataFrame) -> pd.DataFrame:
-    """One record a row: the rendered prompt, the completion, the split and the source row."""
+    """One record a row: the rendered prompt, the completion, the split, the source row and the
+    feedback id (None for a trusted row, the id for one made from a person's correction)."""
     try:
         rendered = [template.render(p) for p in accepted["prompt"]]
     except jinja2.TemplateError as error:
@@ -63,12 +86,13 @@ def render_records(template: PromptTemplate, accepted: pd.DataFrame) -> pd.DataF
             "intent": accepted["intent"],
             "split": accepted["split"],
             "source_row": accepted["_row_number"].astype(int),
+            "feedback_id": feedback_ids(accepted),
         }
     )
 
 
 def write_prompt_set(folder: Path, records: pd.DataFrame, template: PromptTemplate) -> None:
-    """train.jsonl and eval.jsonl (readable by `datasets.load_dataset("json")`) and the template."""
+    """train.jsonl and eval.jsonl (JSON lines, read with `read_records`) and the template."""
     for split, file_name in SPLIT_FILES.items():
         part = records[records["split"] == split].drop(columns=["split"])
         with (folder / file_name).open("w", encoding="utf-8") as handle:

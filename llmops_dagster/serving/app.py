@@ -1,8 +1,18 @@
 """The served model: a Ray Serve deployment with a FastAPI ingress, and its typed builder.
 
-    POST /v1/generate  {prompt, max_new_tokens?}            -> {response_id, text, model_version, latency_ms}
-    POST /v1/feedback  {response_id, rating, correction?, comment?, client_id?}
-    GET  /v1/models, GET /healthz, GET / (a page to ask, read the answer and rate it)
+    POST /v1/generate  {prompt, max_new_tokens?}
+                       -> {response_id, text, model_version, latency_ms, feedback_token}
+    POST /v1/feedback  {response_id, rating, correction?, comment?, feedback_token?, client_id?}
+                       -> {feedback_id, status, counted, reason, review}
+    GET  /v1/reviews   corrections waiting for review (reviewer key)
+    POST /v1/reviews/{feedback_id}  {decision: accept|reject, note?} (reviewer key)
+    GET  /v1/models, GET /healthz, GET / (a page to ask, rate, and review with a reviewer key)
+
+Credentials (`credentials.py`): an API key as `Authorization: Bearer ...`, or the feedback token
+that came with an answer. A wrong or revoked key gets 401; a rating is always stored, and counts
+towards the loop only with a credential, once per answer and rater (the answer says which and why).
+Every endpoint that writes is rate limited per key and per source address (429 with Retry-After),
+and the deployment's queue is bounded (503 with Retry-After from Serve's proxy).
 
 Requests are batched with `@serve.batch` and answered by greedy decoding. Every answer goes to
 `request_log` with the model version, every rating to `feedback`; all SQL is parameterized. Inputs
@@ -18,14 +28,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Annotated
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
-from llmops_dagster.serving import traffic_log
+from llmops_dagster.feedback import review
+from llmops_dagster.serving import credentials, traffic_log
 from llmops_dagster.serving.page import PAGE_HTML
+from llmops_dagster.serving.rate_limits import RateLimits
 from llmops_dagster.training.run_config import FinetuneSettings
 
 MAX_PROMPT_CHARS = 2000
@@ -65,6 +77,26 @@ class GenerateResponse(BaseModel):
     text: str
     model_version: str
     latency_ms: float
+    feedback_token: str  # lets whoever received this answer rate it (POST /v1/feedback)
+
+
+class ReviewRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    decision: Annotated[str, Field(description="accept or reject")]
+    note: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] = ""
+
+    @field_validator("decision")
+    @classmethod
+    def _decision(cls, value: str) -> str:
+        if value not in review.DECISIONS:
+            raise ValueError(f"decision must be one of {', '.join(review.DECISIONS)}")
+        return value
+
+    @field_validator("note")
+    @classmethod
+    def _note_storable(cls, value: str) -> str:
+        return _storable(value, "note")
 
 
 class FeedbackRequest(BaseModel):
@@ -74,6 +106,9 @@ class FeedbackRequest(BaseModel):
     rating: Annotated[int, Field(description="1 (good) or -1 (bad)")]
     correction: Annotated[str | None, Field(max_length=MAX_TEXT_CHARS)] = None
     comment: Annotated[str | None, Field(max_length=MAX_TEXT_CHARS)] = None
+    feedback_token: Annotated[str | None, Field(max_length=64)] = None
+    # A label the sender chooses (the page keeps one per browser); never an identity: who rated
+    # comes from the API key or the feedback token.
     client_id: Annotated[str, Field(min_length=1, max_length=128)] = "anonymous"
 
     @field_validator("rating")
@@ -83,7 +118,7 @@ class FeedbackRequest(BaseModel):
             raise ValueError("rating must be 1 (good) or -1 (bad)")
         return value
 
-    @field_validator("correction", "comment", "client_id")
+    @field_validator("correction", "comment", "client_id", "feedback_token")
     @classmethod
     def _text_storable(cls, value: str | None, info) -> str | None:
         return _storable(value, info.field_name)
@@ -110,6 +145,17 @@ class ServingConfig:
     batch_wait_timeout_s: float = field(default=0.005, metadata={
         "help": "Longest wait of a lone request for company in its batch (s)."})
     seq_len: int = FinetuneSettings.seq_len  # prompt tokens kept: the length the model trained on
+    generate_requires_key: bool = field(default=False, metadata={
+        "help": "Refuse /v1/generate without a client, rater or reviewer key (401). Open is allowed "
+        "only while Serve listens on loopback (serving_deployment refuses otherwise)."})
+    generate_rate_limit: str = field(default="120/minute", metadata={
+        "help": "Most /v1/generate requests per API key and per source address (a `limits` string, "
+        "e.g. 120/minute); over it: 429 with Retry-After."})
+    feedback_rate_limit: str = field(default="60/minute", metadata={
+        "help": "Most /v1/feedback and /v1/reviews requests per API key and per source address."})
+    max_queued_requests: int = field(default=256, metadata={
+        "help": "Requests queued at the proxy beyond what replicas are working on; over it: 503 "
+        "with Retry-After (Serve's backpressure), never unbounded waiting."})
 
 
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")
@@ -146,6 +192,10 @@ class ModelServer:
             self.config.prompt_template)
         # pool_recycle instead of a ping a checkout: one round trip less a request.
         self.engine = sa.create_engine(self.config.database_url, pool_size=4, pool_recycle=300)
+        self.token_secret = credentials.signing_secret(self.engine)
+        self.rate_limits = RateLimits({"generate": self.config.generate_rate_limit,
+                                       "feedback": self.config.feedback_rate_limit,
+                                       "reviews": self.config.feedback_rate_limit})
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
@@ -168,40 +218,108 @@ class ModelServer:
         return [self.tokenizer.decode(row[width: width + budget], skip_special_tokens=True).strip()
                 for row, budget in zip(output, max_new_tokens, strict=True)]
 
-    def _answer_and_log(self, batch: list[tuple[GenerateRequest, float]]) -> list[tuple[str, str, float]]:
+    def _answer_and_log(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
         """Answer a batch and write its request-log rows in one transaction (one round trip a
         batch, not a request); returns (response id, text, latency ms) in order."""
-        requests = [request for request, _ in batch]
+        requests = [request for request, _, _ in batch]
         texts = self._answer([r.prompt for r in requests], [r.max_new_tokens for r in requests])
         finished = time.perf_counter()
         rows = [{"id": str(uuid.uuid4()), "version": self.config.model_version, "prompt": r.prompt,
                  "response": text, "max_new_tokens": r.max_new_tokens,
-                 "latency": (finished - started) * 1000}
-                for (r, started), text in zip(batch, texts, strict=True)]
+                 "latency": (finished - started) * 1000, "api_key_id": key_id}
+                for (r, started, key_id), text in zip(batch, texts, strict=True)]
         traffic_log.log_requests(self.engine, rows)
         return [(row["id"], row["response"], row["latency"]) for row in rows]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, batch: list[tuple[GenerateRequest, float]]) -> list[tuple]:
+    async def generate_batch(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
         return await asyncio.to_thread(self._answer_and_log, batch)
 
-    @api.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, request: GenerateRequest) -> GenerateResponse:
-        response_id, text, latency_ms = await self.generate_batch((request, time.perf_counter()))
-        return GenerateResponse(response_id=response_id, text=text,
-                                model_version=self.config.model_version, latency_ms=latency_ms)
+    async def _admit(self, request: Request, endpoint: str) -> credentials.ApiKey | None:
+        """Rate limit by key and source address (429), then authenticate the bearer key (401)."""
+        bearer = _bearer(request)
+        address = request.client.host if request.client else None
+        refusal = self.rate_limits.check(endpoint, address, bearer)
+        if refusal is not None:
+            raise HTTPException(
+                status_code=429, headers={"Retry-After": str(refusal.retry_after_s)},
+                detail=f"rate limit {refusal.limit} per {refusal.budget} reached for {endpoint}; "
+                       f"retry after {refusal.retry_after_s} s")
+        if bearer is None:
+            return None
+        key = await asyncio.to_thread(credentials.authenticate, self.engine, bearer)
+        if key is None:
+            raise HTTPException(status_code=401, detail="the API key is unknown or revoked",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return key
 
-    def _store_feedback(self, feedback: FeedbackRequest) -> dict:
-        return traffic_log.store_feedback(self.engine, str(feedback.response_id), feedback.client_id,
-                                          feedback.rating, feedback.correction, feedback.comment)
+    @api.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        key = await self._admit(request, "generate")
+        if key is None and self.config.generate_requires_key:
+            raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                                detail="this deployment answers only requests with an API key "
+                                       "(generate_requires_key)")
+        response_id, text, latency_ms = await self.generate_batch(
+            (body, time.perf_counter(), key.id if key else None))
+        return GenerateResponse(response_id=response_id, text=text,
+                                model_version=self.config.model_version, latency_ms=latency_ms,
+                                feedback_token=credentials.feedback_token(self.token_secret, response_id))
+
+    def _store_feedback(self, feedback: FeedbackRequest, key: credentials.ApiKey | None,
+                        address: str | None) -> dict:
+        response_id = str(feedback.response_id)
+        served, receiver = traffic_log.answer_receiver(self.engine, response_id)
+        if not served:
+            return {}
+        token_valid = (None if feedback.feedback_token is None else
+                       credentials.token_matches(self.token_secret, response_id, feedback.feedback_token))
+        trusted = key.name if key is not None and key.role in credentials.TRUSTED_CORRECTIONS else None
+        return traffic_log.store_feedback(self.engine, traffic_log.Rating(
+            response_id=response_id, rating=feedback.rating, correction=feedback.correction,
+            comment=feedback.comment, client_id=feedback.client_id,
+            credential=credentials.judge_rating(key, response_id, receiver, token_valid),
+            review=review.initial_review(feedback.rating, feedback.correction, trusted),
+            source_address=address))
 
     @api.post("/v1/feedback")
-    async def feedback(self, feedback: FeedbackRequest) -> dict:
-        stored = await asyncio.to_thread(self._store_feedback, feedback)
+    async def feedback(self, body: FeedbackRequest, request: Request) -> dict:
+        key = await self._admit(request, "feedback")
+        address = request.client.host if request.client else None
+        stored = await asyncio.to_thread(self._store_feedback, body, key, address)
         if not stored:
             raise HTTPException(status_code=404,
-                                detail=f"response_id {feedback.response_id} was never served")
+                                detail=f"response_id {body.response_id} was never served")
         return stored
+
+    async def _reviewer(self, request: Request) -> credentials.ApiKey:
+        key = await self._admit(request, "reviews")
+        if key is None:
+            raise HTTPException(status_code=401, detail="reviews need a reviewer key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if key.role not in credentials.REVIEWS_CORRECTIONS:
+            raise HTTPException(status_code=403, detail=f"key {key.name} has role {key.role}; "
+                                                        "reviews need the reviewer role")
+        return key
+
+    @api.get("/v1/reviews")
+    async def reviews(self, request: Request, limit: int = 50) -> dict:
+        await self._reviewer(request)
+        limit = min(max(limit, 1), 200)
+        frame = await asyncio.to_thread(review.pending, self.engine, limit)
+        items = json.loads(frame.to_json(orient="records", date_format="iso"))
+        return {"pending": items}
+
+    @api.post("/v1/reviews/{feedback_id}")
+    async def decide(self, feedback_id: int, body: ReviewRequest, request: Request) -> dict:
+        key = await self._reviewer(request)
+        try:
+            decision = await asyncio.to_thread(review.decide, self.engine, feedback_id, body.decision,
+                                               key.identity, body.note)
+        except review.ReviewError as error:
+            raise HTTPException(status_code=409, detail=str(error)) from None
+        return {"feedback_id": decision.feedback_id, "review": decision.state,
+                "reviewed_by": decision.reviewed_by, "reviewed_at": decision.reviewed_at.isoformat()}
 
     @api.get("/v1/models")
     def models(self) -> dict:
@@ -216,6 +334,25 @@ class ModelServer:
         return PAGE_HTML
 
 
+def _bearer(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header; None without one; 401 when malformed."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > 128 or not key.isascii():
+        raise HTTPException(status_code=401, detail="Authorization must be 'Bearer <API key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return key
+
+
 def build_app(config: ServingConfig, replicas: int = 1) -> serve.Application:
-    """The Serve application for `config` (not yet running)."""
-    return ModelServer.options(num_replicas=replicas).bind(asdict(config))
+    """The Serve application for `config` (not yet running): a bounded queue at the proxy, whose
+    overflow is answered 503 with Retry-After."""
+    from ray.serve.config import BackpressureConfig
+
+    return ModelServer.options(
+        num_replicas=replicas, max_queued_requests=config.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+    ).bind(asdict(config))

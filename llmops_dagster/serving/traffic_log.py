@@ -3,43 +3,88 @@ app writes (one row an answer, one row a rating) and the loop reads (sensors, cu
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
 
+from llmops_dagster.feedback.review import InitialReview, record_initial_acceptance
+from llmops_dagster.serving.credentials import ApiKey, RatingCredential
+
 
 def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
     """Insert a batch of answers (response id, model version, prompt, response, max_new_tokens,
-    latency in ms) in one transaction: one round trip a batch, not a request."""
+    latency in ms, the asking API key's id or None) in one transaction: one round trip a batch."""
     with engine.begin() as connection:
         connection.execute(
             sa.text("INSERT INTO request_log (response_id, model_version, prompt, response, "
-                    "max_new_tokens, latency_ms) VALUES (:id, :version, :prompt, :response, "
-                    ":max_new_tokens, :latency)"), rows)
+                    "max_new_tokens, latency_ms, api_key_id) VALUES (:id, :version, :prompt, "
+                    ":response, :max_new_tokens, :latency, :api_key_id)"), rows)
 
 
-def store_feedback(engine: sa.Engine, response_id: str, client_id: str, rating: int,
-                   correction: str | None, comment: str | None) -> dict:
-    """Record a rating once per response and client: {feedback_id, status} where status is
-    "recorded" or "already recorded"; {} when the response was never served."""
-    with engine.begin() as connection:
-        known = connection.execute(
-            sa.text("SELECT 1 FROM request_log WHERE response_id = :id"), {"id": response_id}).scalar()
-        if not known:
-            return {}
+def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None]:
+    """Whether answer `response_id` was served, and the API key that asked for it (None: no key)."""
+    with engine.connect() as connection:
         row = connection.execute(
-            sa.text("INSERT INTO feedback (response_id, client_id, rating, correction, comment) "
-                    "VALUES (:id, :client, :rating, :correction, :comment) "
-                    "ON CONFLICT (response_id, client_id) DO NOTHING RETURNING id"),
-            {"id": response_id, "client": client_id, "rating": rating, "correction": correction,
-             "comment": comment}).scalar()
-        if row is not None:
-            return {"feedback_id": row, "status": "recorded"}
-        existing = connection.execute(
-            sa.text("SELECT id FROM feedback WHERE response_id = :id AND client_id = :client"),
-            {"id": response_id, "client": client_id}).scalar_one()
-        return {"feedback_id": existing, "status": "already recorded"}
+            sa.text("SELECT r.api_key_id, k.name, k.role, k.key_prefix, k.created_by, k.created_at, "
+                    "k.revoked_at, k.revoked_by FROM request_log r LEFT JOIN api_keys k "
+                    "ON k.id = r.api_key_id WHERE r.response_id = CAST(:id AS uuid)"),
+            {"id": response_id}).mappings().first()
+    if row is None:
+        return False, None
+    if row["api_key_id"] is None:
+        return True, None
+    return True, ApiKey(id=row["api_key_id"], **{k: v for k, v in row.items() if k != "api_key_id"})
+
+
+@dataclass(frozen=True)
+class Rating:
+    """One rating as sent, with what its credential made of it and the review it arrives in."""
+
+    response_id: str
+    rating: int
+    correction: str | None
+    comment: str | None
+    client_id: str  # a label the sender chose; identity comes from `credential`
+    credential: RatingCredential
+    review: InitialReview
+    source_address: str | None
+
+
+def store_feedback(engine: sa.Engine, rating: Rating) -> dict:
+    """Store a rating, always; it counts once per answer and rater, and only with a credential.
+
+    Returns {feedback_id, status, counted, reason, review}: status "counted", "duplicate" (the
+    rater's earlier rating of this answer is the one that counts) or "not counted"."""
+    credential = rating.credential
+    values = {"id": rating.response_id, "client": rating.client_id, "rating": rating.rating,
+              "correction": rating.correction, "comment": rating.comment, "rater": credential.rater,
+              "credential": credential.credential, "key": credential.api_key_id,
+              "address": rating.source_address, "counted": credential.counts,
+              "reason": credential.reason, "review": rating.review.state,
+              "reviewed_by": rating.review.reviewed_by, "note": rating.review.note}
+    insert = ("INSERT INTO feedback (response_id, client_id, rating, correction, comment, rater, "
+              "credential, api_key_id, source_address, counted, count_reason, review_state, "
+              "reviewed_by, reviewed_at, review_note) VALUES (:id, :client, :rating, :correction, "
+              ":comment, :rater, :credential, :key, :address, :counted, :reason, :review, "
+              ":reviewed_by, CASE WHEN :reviewed_by IS NULL THEN NULL ELSE clock_timestamp() END, :note)")
+    with engine.begin() as connection:
+        status = "counted" if credential.counts else "not counted"
+        feedback_id = connection.execute(
+            sa.text(insert + " ON CONFLICT (response_id, rater) WHERE counted DO NOTHING RETURNING id"),
+            values).scalar()
+        if feedback_id is None:  # this rater's rating of this answer counted already
+            first = connection.execute(
+                sa.text("SELECT id FROM feedback WHERE response_id = :id AND rater = :rater AND counted"),
+                values).scalar_one()
+            values.update(counted=False, reason=f"duplicate: {credential.rater} rated this answer "
+                                                f"before (feedback {first} is the one that counts)")
+            feedback_id = connection.execute(sa.text(insert + " RETURNING id"), values).scalar_one()
+            status = "duplicate"
+        record_initial_acceptance(connection, feedback_id, rating.review)
+    return {"feedback_id": feedback_id, "status": status, "counted": status == "counted",
+            "reason": values["reason"], "review": rating.review.state}
 
 
 def served_response(engine: sa.Engine, response_id: str) -> dict | None:
@@ -59,27 +104,52 @@ def traffic_counts(engine: sa.Engine) -> dict:
             "SELECT (SELECT count(*) FROM request_log) AS requests, "
             "(SELECT max(created_at) FROM request_log) AS newest_request, "
             "(SELECT count(*) FROM feedback) AS ratings, "
+            "(SELECT count(*) FROM feedback WHERE counted) AS counted_ratings, "
             "(SELECT coalesce(max(id), 0) FROM feedback) AS newest_feedback_id")).mappings().one()
     return dict(row)
 
 
 @dataclass(frozen=True)
 class FeedbackWindow:
-    after_id: int  # the cursor: feedback ids above it are new
-    last_id: int  # the highest new feedback id (= after_id when none)
-    negative: int  # new negative ratings on the production model
+    """Counted ratings committed after one database snapshot and visible in a later one."""
+
+    since: str | None  # the cursor: a pg_snapshot; None counts from the first rating
+    until: str  # the snapshot this count saw (the next cursor)
+    negative: int  # counted negative ratings of the production model in the window
+    newest_id: int  # the highest feedback id among them (0: none)
+
+    @property
+    def key(self) -> str:
+        """The window named by its start and the rows it holds, not by `until` (which moves with
+        every transaction on the server): a daemon that re-evaluates the same rows after a restart
+        gets the same key, which Dagster never launches twice."""
+        return hashlib.sha256(f"{self.since}|{self.negative}|{self.newest_id}".encode()).hexdigest()[:16]
 
 
-def new_negative_feedback(engine: sa.Engine, after_id: int, model_version: str) -> FeedbackWindow:
-    """Count new negative feedback on `model_version` (one indexed range scan, O(new rows))."""
+def new_negative_feedback(engine: sa.Engine, since: str | None, model_version: str) -> FeedbackWindow:
+    """Count the counted negative ratings of `model_version` not yet visible in snapshot `since`.
+
+    Commit-safe: a row is new exactly when its transaction (feedback.txid) was not visible in the
+    cursor's snapshot, whatever id it took, so a rating committed after higher ids is counted once,
+    by the next window. The snapshot and the count come from one statement, so they agree.
+    Cost: an index range scan from the cursor's xmin (O(rows since the oldest open transaction))."""
+    window = ("" if since is None else
+              "AND f.txid >= pg_snapshot_xmin(CAST(:since AS pg_snapshot)) "
+              "AND NOT pg_visible_in_snapshot(f.txid, CAST(:since AS pg_snapshot))")
     with engine.connect() as connection:
         row = connection.execute(
-            sa.text("SELECT coalesce(max(f.id), :after) AS last_id, "
-                    "count(*) FILTER (WHERE f.rating < 0 AND r.model_version = :version) AS negative "
-                    "FROM feedback f JOIN request_log r USING (response_id) WHERE f.id > :after"),
-            {"after": after_id, "version": model_version},
-        ).one()
-    return FeedbackWindow(after_id=after_id, last_id=int(row.last_id), negative=int(row.negative))
+            sa.text("SELECT pg_current_snapshot()::text AS until, count(f.id) AS negative, "
+                    "coalesce(max(f.id), 0) AS newest_id FROM feedback f "
+                    "JOIN request_log r USING (response_id) WHERE f.counted AND f.rating < 0 "
+                    f"AND r.model_version = :version {window}"),
+            {"since": since, "version": model_version}).one()
+    return FeedbackWindow(since=since, until=row.until, negative=int(row.negative),
+                          newest_id=int(row.newest_id))
+
+
+def is_snapshot(cursor: str | None) -> bool:
+    """Whether a sensor cursor is a pg_snapshot ('xmin:xmax:xip,...'); older cursors were ids."""
+    return bool(cursor) and cursor.count(":") == 2
 
 
 def recent_prompts(engine: sa.Engine, model_version: str, window: int) -> tuple[list[str], str | None]:
@@ -93,6 +163,8 @@ def recent_prompts(engine: sa.Engine, model_version: str, window: int) -> tuple[
 
 @dataclass(frozen=True)
 class LiveRate:
+    """Counted ratings of one version (a rating without a credential never moves the guard)."""
+
     version: str
     ratings: int
     negative: int
@@ -106,7 +178,8 @@ def live_rate(engine: sa.Engine, version: str) -> LiveRate:
     with engine.connect() as connection:
         row = connection.execute(
             sa.text("SELECT count(*) AS ratings, count(*) FILTER (WHERE f.rating < 0) AS negative "
-                    "FROM feedback f JOIN request_log r USING (response_id) WHERE r.model_version = :v"),
+                    "FROM feedback f JOIN request_log r USING (response_id) "
+                    "WHERE f.counted AND r.model_version = :v"),
             {"v": version}).one()
     return LiveRate(version=version, ratings=int(row.ratings), negative=int(row.negative))
 

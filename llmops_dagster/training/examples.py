@@ -7,11 +7,21 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
 
 
 def encode_examples(path: str, tokenizer, seq_len: int):
-    """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file."""
-    import torch
+    """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file,
+    read with `datasets.load_dataset("json")` and the prompt set's schema: inferred per 10 MB block,
+    feedback_id (null on every trusted row) would fail to cast between blocks."""
     from datasets import load_dataset
 
-    records = load_dataset("json", data_files=path, split="train")
+    from llmops_dagster.prompts.templates import record_features
+
+    records = load_dataset("json", data_files=path, split="train", features=record_features())
+    return encode_records(records, tokenizer, seq_len)
+
+
+def encode_records(records, tokenizer, seq_len: int):
+    """The same for prompt-set records; only their prompt and completion are read."""
+    import torch
+
     ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -1,0 +1,164 @@
+"""The review queue of corrections, and purging feedback, each with an append-only audit trail.
+
+A correction sent with a down-vote waits in state 'pending' until a reviewer accepts or rejects it;
+only accepted corrections become training examples. A correction from a key with a trusted role is
+accepted as it arrives (the reviewer is that key). Every decision and every purge leaves a row in
+feedback_audit_log with who, when and why; a purge's record keeps where the row came from (answer,
+rater, time) but none of what it said, since purging is how personal data leaves the platform.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+import pandas as pd
+import sqlalchemy as sa
+
+DECISIONS = {"accept": "accepted", "reject": "rejected"}
+
+
+class ReviewError(LookupError):
+    """A review or purge that cannot be done; the message names the feedback id or filter."""
+
+
+@dataclass(frozen=True)
+class InitialReview:
+    """The review state a rating arrives in (None: nothing to review)."""
+
+    state: str | None
+    reviewed_by: str | None = None
+    note: str | None = None
+
+
+def initial_review(rating: int, correction: str | None, trusted_reviewer: str | None) -> InitialReview:
+    """A down-vote's correction waits for review, or is accepted at once when it comes from a
+    trusted role (`trusted_reviewer`: that key's name). An up-vote's "correction" contradicts its
+    rating and never becomes training data, so there is nothing to review."""
+    if rating >= 0 or correction is None or not correction.strip():
+        return InitialReview(None)
+    if trusted_reviewer:
+        return InitialReview("accepted", f"key:{trusted_reviewer}", "sent by a trusted role")
+    return InitialReview("pending")
+
+
+def record_initial_acceptance(connection, feedback_id: int, review: InitialReview) -> None:
+    """The audit row of a correction accepted as it arrived (same transaction as its insert)."""
+    if review.state == "accepted":
+        connection.execute(
+            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason) "
+                    "VALUES (:id, 'accepted', :actor, :reason)"),
+            {"id": feedback_id, "actor": review.reviewed_by, "reason": review.note})
+
+
+def pending(engine: sa.Engine, limit: int = 50) -> pd.DataFrame:
+    """Corrections waiting for review, oldest first, with the question and the answer they correct."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, r.model_version, "
+                    "r.prompt, r.response AS answer, f.correction, f.comment, f.rater, f.counted, "
+                    "f.created_at FROM feedback f JOIN request_log r USING (response_id) "
+                    "WHERE f.review_state = 'pending' ORDER BY f.id LIMIT :limit"),
+            connection, params={"limit": limit})
+
+
+@dataclass(frozen=True)
+class ReviewDecision:
+    feedback_id: int
+    state: str
+    reviewed_by: str
+    reviewed_at: datetime
+    note: str
+
+
+def decide(engine: sa.Engine, feedback_id: int, decision: str, actor: str, note: str = "") -> ReviewDecision:
+    """Accept or reject a pending correction; the decision and its author go to the audit log."""
+    if decision not in DECISIONS:
+        raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
+    state = DECISIONS[decision]
+    with engine.begin() as connection:
+        row = connection.execute(
+            sa.text("UPDATE feedback SET review_state = :state, reviewed_by = :actor, "
+                    "reviewed_at = clock_timestamp(), review_note = :note "
+                    "WHERE id = :id AND review_state = 'pending' RETURNING reviewed_at"),
+            {"state": state, "actor": actor, "note": note, "id": feedback_id}).first()
+        if row is None:
+            current = connection.execute(sa.text("SELECT review_state FROM feedback WHERE id = :id"),
+                                         {"id": feedback_id}).first()
+            if current is None:
+                raise ReviewError(f"feedback {feedback_id} does not exist (or was purged)")
+            raise ReviewError(f"feedback {feedback_id} is not pending review (state: "
+                              f"{current.review_state or 'no correction to review'})")
+        connection.execute(
+            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason) "
+                    "VALUES (:id, :action, :actor, :reason)"),
+            {"id": feedback_id, "action": state, "actor": actor, "reason": note or f"{decision}ed"})
+    return ReviewDecision(feedback_id, state, actor, row.reviewed_at, note)
+
+
+def audit_trail(engine: sa.Engine, feedback_id: int) -> list[dict]:
+    with engine.connect() as connection:
+        return [dict(r) for r in connection.execute(
+            sa.text("SELECT action, actor, reason, details, at FROM feedback_audit_log "
+                    "WHERE feedback_id = :id ORDER BY id"), {"id": feedback_id}).mappings()]
+
+
+@dataclass(frozen=True)
+class PurgeFilter:
+    """Which feedback rows to purge: any combination, all conditions must hold."""
+
+    ids: tuple[int, ...] = ()
+    key_name: str | None = None  # rows sent with this API key
+    since: datetime | None = None  # created at or after
+    until: datetime | None = None  # created before
+
+    def where(self) -> tuple[str, dict]:
+        clauses, params = [], {}
+        if self.ids:
+            clauses.append("f.id = ANY(:ids)")
+            params["ids"] = list(self.ids)
+        if self.key_name is not None:
+            clauses.append("f.api_key_id = (SELECT id FROM api_keys WHERE name = :key)")
+            params["key"] = self.key_name
+        if self.since is not None:
+            clauses.append("f.created_at >= :since")
+            params["since"] = self.since
+        if self.until is not None:
+            clauses.append("f.created_at < :until")
+            params["until"] = self.until
+        if not clauses:
+            raise ReviewError("a purge needs at least one filter: ids, key, or a time range")
+        return " AND ".join(clauses), params
+
+
+def purge(engine: sa.Engine, which: PurgeFilter, actor: str, reason: str) -> list[int]:
+    """Delete the matching feedback rows (and their curated copies); each leaves an audit record
+    with its answer id, rater, key and time, not its text. Returns the purged ids."""
+    where, params = which.where()
+    with engine.begin() as connection:
+        rows = connection.execute(
+            sa.text(f"DELETE FROM feedback f WHERE {where} RETURNING f.id, f.response_id::text AS "
+                    "response_id, f.rater, f.api_key_id, f.rating, f.review_state, f.created_at"),
+            params).mappings().all()
+        if rows:
+            connection.execute(
+                sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason, details) "
+                        "VALUES (:id, 'purged', :actor, :reason, CAST(:details AS jsonb))"),
+                [{"id": r["id"], "actor": actor, "reason": reason, "details": json.dumps(
+                    {"response_id": r["response_id"], "rater": r["rater"], "api_key_id": r["api_key_id"],
+                     "rating": r["rating"], "review_state": r["review_state"],
+                     "created_at": r["created_at"].isoformat()})} for r in rows])
+    return sorted(r["id"] for r in rows)
+
+
+def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) -> list[int]:
+    """Purge feedback older than `retention_days` (0: keep forever), as actor 'retention'."""
+    if retention_days <= 0:
+        return []
+    with engine.connect() as connection:
+        cutoff = connection.execute(
+            sa.text("SELECT coalesce(CAST(:now AS timestamptz), now()) - make_interval(days => :days)"),
+            {"now": now, "days": retention_days}).scalar_one()
+    return purge(engine, PurgeFilter(until=cutoff), actor="retention",
+                 reason=f"older than the {retention_days}-day retention (feedback_table.retention_days)")
