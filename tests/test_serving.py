@@ -21,18 +21,25 @@ def test_generate_and_feedback_round_trip(served_model):
     url, engine = served_model["url"], served_model["engine"]
     status, answer = post(f"{url}/v1/generate", {"prompt": "Where is my order A12345?"})
     assert status == 200 and answer["text"] and answer["model_version"] == served_model["version"]
-    status, stored = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
-                                                 "correction": "Order A12345 ships today.",
-                                                 "client_id": "tester"})
-    assert status == 200 and stored["status"] == "recorded"
-    status, again = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
-                                                "client_id": "tester"})
-    assert status == 200 and again == {"feedback_id": stored["feedback_id"], "status": "already recorded"}
+    assert answer["feedback_token"]
+    rating = {"response_id": answer["response_id"], "rating": -1,
+              "correction": "Order A12345 ships today.", "client_id": "tester"}
+    # No credential: stored, and the answer says it does not count and why.
+    status, anonymous = post(f"{url}/v1/feedback", rating)
+    assert status == 200 and anonymous["status"] == "not counted" and not anonymous["counted"]
+    assert "feedback_token" in anonymous["reason"]
+    # With the answer's token: counted once, however it is sent again; the correction awaits review.
+    status, stored = post(f"{url}/v1/feedback", rating | {"feedback_token": answer["feedback_token"]})
+    assert status == 200 and stored["status"] == "counted" and stored["review"] == "pending"
+    status, again = post(f"{url}/v1/feedback", rating | {"feedback_token": answer["feedback_token"],
+                                                         "client_id": "someone-else"})
+    assert status == 200 and again["status"] == "duplicate" and again["feedback_id"] > stored["feedback_id"]
+    assert f"feedback {stored['feedback_id']} is the one that counts" in again["reason"]
     with engine.connect() as connection:
         logged = connection.execute(sa.text(
             "SELECT r.prompt, r.response, r.model_version, f.rating, f.correction FROM request_log r "
-            "JOIN feedback f USING (response_id) WHERE r.response_id = :id"),
-            {"id": answer["response_id"]}).one()
+            "JOIN feedback f USING (response_id) WHERE f.id = :feedback"),
+            {"feedback": stored["feedback_id"]}).one()
     assert logged.prompt == "Where is my order A12345?" and logged.response == answer["text"]
     assert (logged.model_version, logged.rating, logged.correction) == (
         served_model["version"], -1, "Order A12345 ships today.")

@@ -168,7 +168,7 @@ def generate_expect(payload) -> str:
 
 def feedback_expect(payload, known: set[str]) -> str | int:
     """The contract of POST /v1/feedback for a decoded JSON body: OK, 404 (unknown id) or BAD."""
-    fields = {"response_id", "rating", "correction", "comment", "client_id"}
+    fields = {"response_id", "rating", "correction", "comment", "client_id", "feedback_token"}
     if not isinstance(payload, dict) or not {"response_id", "rating"} <= set(payload) <= fields:
         return BAD
     rid, rating = payload["response_id"], payload["rating"]
@@ -180,6 +180,9 @@ def feedback_expect(payload, known: set[str]) -> str | int:
             return BAD
     client = payload.get("client_id", "anonymous")
     if type(client) is not str or not 1 <= len(client) <= 128 or not storable(client):
+        return BAD
+    token = payload.get("feedback_token")
+    if token is not None and (type(token) is not str or len(token) > 64 or not storable(token)):
         return BAD
     try:
         canonical = str(uuid.UUID(rid))
@@ -293,8 +296,9 @@ def big_generate_cases() -> list[Case]:
     ]
 
 
-def feedback_cases(ids: list[str]) -> list[Case]:
-    """Ratings of the seed responses with hostile content, plus garbage and unknown response_ids."""
+def feedback_cases(ids: list[str], tokens: dict[str, str]) -> list[Case]:
+    """Ratings of the seed responses with hostile content, plus garbage and unknown response_ids;
+    `tokens`: each seed response's feedback token."""
     known = set(ids)
     cases: list[Case] = []
     n = 0
@@ -340,7 +344,7 @@ def feedback_cases(ids: list[str]) -> list[Case]:
     for t, value in enumerate([5, None, [], ["x"], {}, True, False, "", "x" * 129, 1.5]):
         fb({"client_id": value}, f"fb-client-type[{t}]", BAD)
     fb({"client_id": "z" * 128}, "fb-client-128", OK)
-    fb({"client_id": _DROP}, "fb-client-default", OK)  # the first "anonymous" on its id: recorded
+    fb({"client_id": _DROP}, "fb-client-default", OK)  # "anonymous": stored, not counted
     for e, key in enumerate(["id", "feedback_id", "created_at", "admin", "rating2", "", SQLI[1]]):
         fb({key: 1}, f"fb-extra[{e}]", BAD)
     for m, payload in enumerate([{"response_id": _DROP}, {"rating": _DROP}]):
@@ -361,9 +365,9 @@ def feedback_cases(ids: list[str]) -> list[Case]:
         fb({"response_id": spelled}, f"fb-spelling[{k}]", OK)
     for k, rid in enumerate(ids[6:12]):
         fb({"response_id": rid + " "}, f"fb-id-space[{k}]", BAD)
-    for d in range(10):  # the same rating sent twice at once: one "recorded", one "already recorded"
+    for d in range(10):  # the same rating sent twice at once with its token: one counted, one duplicate
         body = json.dumps({"response_id": ids[d], "rating": -1, "correction": f"dup {SQLI[d]}",
-                           "client_id": f"dup-{d}"}).encode()
+                           "client_id": f"dup-{d}", "feedback_token": tokens[ids[d]]}).encode()
         cases += [Case("/v1/feedback", body, OK, f"fb-dup[{d}]{twin}") for twin in "ab"]
 
     def big(extra: dict) -> bytes:
@@ -452,7 +456,8 @@ def stored_prompts(engine: sa.Engine, ids: list[str]) -> dict[str, tuple]:
 
 
 def stored_feedback(engine: sa.Engine, feedback_ids: list[int]) -> dict[int, tuple]:
-    query = sa.text("SELECT id, response_id::text AS response_id, client_id, rating, correction, comment "
+    query = sa.text("SELECT id, response_id::text AS response_id, client_id, rating, correction, comment, "
+                    "counted "
                     "FROM feedback WHERE id IN :ids").bindparams(sa.bindparam("ids", expanding=True))
     with engine.connect() as connection:
         return {row.id: row for row in connection.execute(query, {"ids": feedback_ids})}
@@ -469,7 +474,8 @@ def test_hostile_payloads_never_5xx_and_store_exactly(served_model):
     seeded = flood(url, seed)
     assert all(o.status == 200 for o in seeded), [(o.case.label, o.status, o.body[:200]) for o in seeded]
     ids = [o.parsed["response_id"] for o in seeded]
-    rest = generate_rest + feedback_cases(ids)
+    rest = generate_rest + feedback_cases(ids, {o.parsed["response_id"]: o.parsed["feedback_token"]
+                                                for o in seeded})
     random.Random(2024).shuffle(rest)  # generate and feedback interleaved
     outcomes = seeded + flood(url, rest)
     assert len(outcomes) >= 1000
@@ -488,22 +494,23 @@ def test_hostile_payloads_never_5xx_and_store_exactly(served_model):
         assert (row.response, row.model_version) == (o.parsed["text"], version), o.case.label
         assert o.parsed["model_version"] == version
 
-    # Every accepted rating is stored exactly; each stored row was "recorded" by exactly one request.
+    # Every accepted rating is stored exactly, in a row of its own (duplicates too: nothing a person
+    # sent is thrown away); only the token-carrying duplicates count, once per answer.
     rated = [o for o in outcomes if o.case.path == "/v1/feedback" and o.status == 200]
     feedback_rows = stored_feedback(engine, sorted({o.parsed["feedback_id"] for o in rated}))
-    recorded = Counter(o.parsed["feedback_id"] for o in rated if o.parsed["status"] == "recorded")
+    assert len(feedback_rows) == len(rated)
     for o in rated:
         sent = json.loads(o.case.body)
         row = feedback_rows[o.parsed["feedback_id"]]
-        assert o.parsed["status"] in ("recorded", "already recorded"), o.case.label
         assert row.response_id == str(uuid.UUID(sent["response_id"])), o.case.label
         assert row.client_id == sent.get("client_id", "anonymous"), o.case.label
-        if o.parsed["status"] == "recorded":
-            assert (row.rating, row.correction, row.comment) == (
-                sent["rating"], sent.get("correction"), sent.get("comment")), o.case.label
-    assert set(recorded.values()) == {1} and set(recorded) == set(feedback_rows)
+        assert (row.rating, row.correction, row.comment) == (
+            sent["rating"], sent.get("correction"), sent.get("comment")), o.case.label
+        assert row.counted == (o.parsed["status"] == "counted"), o.case.label
+        if not o.case.label.startswith("fb-dup"):
+            assert o.parsed["status"] == "not counted", o.case.label  # no credential
     duplicates = Counter(o.parsed["status"] for o in rated if o.case.label.startswith("fb-dup"))
-    assert duplicates == {"recorded": 10, "already recorded": 10}
+    assert duplicates == {"counted": 10, "duplicate": 10}
 
     # The schema is untouched, no table lost a row, and the logs grew by exactly what was accepted.
     columns_after, counts_after = snapshot(engine)
@@ -512,7 +519,7 @@ def test_hostile_payloads_never_5xx_and_store_exactly(served_model):
     shrunk = {name for name in counts_before if counts_after[name] < counts_before[name]}
     assert not shrunk, (counts_before, counts_after)
     assert counts_after["request_log"] - counts_before["request_log"] == len(generated)
-    assert counts_after["feedback"] - counts_before["feedback"] == len(recorded)
+    assert counts_after["feedback"] - counts_before["feedback"] == len(rated)
 
     # Last, so that a run shows the storage checks above passed even when some answers broke the contract.
     assert not problems, f"{len(problems)} of {len(outcomes)} broke the contract: {problems[:25]}"
