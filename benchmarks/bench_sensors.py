@@ -22,26 +22,32 @@ import sqlalchemy as sa
 
 
 def fill(engine: sa.Engine, start: int, stop: int) -> None:
-    """Rows start..stop-1 of request_log and feedback for the production model, one in 3 negative."""
+    """Rows start..stop-1 of request_log and feedback for the production model, one in 3 negative,
+    each rating counted (as sent with its answer's feedback token)."""
     with engine.begin() as connection:
         connection.execute(sa.text(
             "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
             "latency_ms) SELECT md5(i::text)::uuid, 'v1', 'prompt ' || i, 'answer', 8, 1.0 "
             "FROM generate_series(:a, :b) AS i"), {"a": start, "b": stop - 1})
         connection.execute(sa.text(
-            "INSERT INTO feedback (response_id, client_id, rating) SELECT md5(i::text)::uuid, 'c', "
-            "CASE WHEN i % 3 = 0 THEN -1 ELSE 1 END FROM generate_series(:a, :b) AS i"),
+            "INSERT INTO feedback (response_id, client_id, rating, rater, credential, counted) "
+            "SELECT md5(i::text)::uuid, 'c', CASE WHEN i % 3 = 0 THEN -1 ELSE 1 END, "
+            "'token:' || i, 'feedback_token', true FROM generate_series(:a, :b) AS i"),
             {"a": start, "b": stop - 1})
         connection.execute(sa.text("ANALYZE request_log; ANALYZE feedback"))
 
 
-def time_sensor(engine: sa.Engine, instance) -> float:
+def snapshot(engine: sa.Engine) -> str:
+    with engine.connect() as connection:
+        return connection.execute(sa.text("SELECT pg_current_snapshot()::text")).scalar_one()
+
+
+def time_sensor(engine: sa.Engine, instance, cursor: str) -> float:
     from resources.database import PostgresResource
     from resources.embedder import EmbedderResource
     from resources.loop_settings import LoopSettings
     from schedules.automation import feedback_sensor
 
-    cursor = str(engine.connect().execute(sa.text("SELECT max(id) - 100 FROM feedback")).scalar())
     times = []
     for _ in range(20):
         context = dg.build_sensor_context(instance=instance, cursor=cursor, resources={
@@ -67,10 +73,15 @@ def main() -> None:
                                     merged_model_path="-", train_config={}, eval_report_id=None)
         registry.promote(engine, "v1", actor="bench", reason="bench")
         with dg.instance_for_test() as instance:
-            fill(engine, 1, 10_001)
-            small = time_sensor(engine, instance)
-            fill(engine, 10_001, 1_000_001)
-            large = time_sensor(engine, instance)
+            # The cursor (a snapshot) 100 rows behind the newest, as in steady operation.
+            fill(engine, 1, 9_901)
+            cursor = snapshot(engine)
+            fill(engine, 9_901, 10_001)
+            small = time_sensor(engine, instance, cursor)
+            fill(engine, 10_001, 999_901)
+            cursor = snapshot(engine)
+            fill(engine, 999_901, 1_000_001)
+            large = time_sensor(engine, instance, cursor)
     finally:
         database.stop_embedded_server(home / "pg")
         shutil.rmtree(home, ignore_errors=True)
