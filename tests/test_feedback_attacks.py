@@ -34,8 +34,9 @@ THREADS = 8
 
 
 def call(url: str, path: str, body: dict | None = None, key: str | None = None,
-         source: str = "127.0.0.1") -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) of one request from `source` (any 127.0.0.0/8 address)."""
+         source: str = "127.0.0.1") -> tuple[int, dict, http.client.HTTPMessage]:
+    """(status, JSON body, headers: case-insensitive) of one request from `source` (any
+    127.0.0.0/8 address)."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120,
                                             source_address=(source, 0))
@@ -45,7 +46,11 @@ def call(url: str, path: str, body: dict | None = None, key: str | None = None,
                            body=json.dumps(body) if body is not None else None, headers=headers)
         response = connection.getresponse()
         raw = response.read()
-        return response.status, (json.loads(raw) if raw.strip() else {}), dict(response.getheaders())
+        try:
+            body = json.loads(raw) if raw.strip() else {}
+        except ValueError:  # Serve's proxy answers backpressure in plain text
+            body = {"text": raw.decode(errors="replace")}
+        return response.status, body, response.headers
     finally:
         connection.close()
 

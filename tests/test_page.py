@@ -57,7 +57,9 @@ def page_at(url: str):
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 900})
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(url + "/", wait_until="domcontentloaded", timeout=30_000)
+            response = page.goto(url + "/", wait_until="domcontentloaded", timeout=30_000)
+            # The page runs under a policy that allows its own inline script only (by hash).
+            assert "script-src 'sha256-" in response.headers["content-security-policy"]
             expect(page).to_have_title("Aurora support assistant")
             yield page, errors
         finally:

@@ -53,13 +53,15 @@ def record_initial_acceptance(connection, feedback_id: int, review: InitialRevie
 
 
 def pending(engine: sa.Engine, limit: int = 50) -> pd.DataFrame:
-    """Corrections waiting for review, oldest first, with the question and the answer they correct."""
+    """Corrections waiting for review, with the question and the answer they correct: those whose
+    rating counted (sent with a credential) first, then the rest, oldest first within each, so
+    that a flood of uncredentialed corrections cannot bury the ones from known raters."""
     with engine.connect() as connection:
         return pd.read_sql_query(
             sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, r.model_version, "
                     "r.prompt, r.response AS answer, f.correction, f.comment, f.rater, f.counted, "
                     "f.created_at FROM feedback f JOIN request_log r USING (response_id) "
-                    "WHERE f.review_state = 'pending' ORDER BY f.id LIMIT :limit"),
+                    "WHERE f.review_state = 'pending' ORDER BY f.counted DESC, f.id LIMIT :limit"),
             connection, params={"limit": limit})
 
 

@@ -30,13 +30,13 @@ from typing import Annotated
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 
 from llmops_dagster.feedback import review
 from llmops_dagster.serving import credentials, traffic_log
-from llmops_dagster.serving.page import PAGE_HTML
+from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
 from llmops_dagster.training.run_config import FinetuneSettings
 
@@ -172,6 +172,21 @@ async def _refuse(request, error: RequestValidationError) -> Response:
                     media_type="application/json")
 
 
+def _bearer(request: Request) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header; None without one; 401 when malformed.
+    Defined above the deployment class: `serve.ingress` captures the module's globals as they
+    are when the class is defined."""
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > 128 or not key.isascii():
+        raise HTTPException(status_code=401, detail="Authorization must be 'Bearer <API key>'",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return key
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class ModelServer:
@@ -303,12 +318,13 @@ class ModelServer:
         return key
 
     @api.get("/v1/reviews")
-    async def reviews(self, request: Request, limit: int = 50) -> dict:
+    async def reviews(self, request: Request, limit: int = 50) -> JSONResponse:
         await self._reviewer(request)
         limit = min(max(limit, 1), 200)
         frame = await asyncio.to_thread(review.pending, self.engine, limit)
         items = json.loads(frame.to_json(orient="records", date_format="iso"))
-        return {"pending": items}
+        # People's questions and corrections: never kept by a browser or proxy cache.
+        return JSONResponse({"pending": items}, headers={"Cache-Control": "no-store"})
 
     @api.post("/v1/reviews/{feedback_id}")
     async def decide(self, feedback_id: int, body: ReviewRequest, request: Request) -> dict:
@@ -330,21 +346,9 @@ class ModelServer:
         return {"status": "ok", "model_version": self.config.model_version}
 
     @api.get("/", response_class=HTMLResponse)
-    def page(self) -> str:
-        return PAGE_HTML
-
-
-def _bearer(request: Request) -> str | None:
-    """The key of an `Authorization: Bearer KEY` header; None without one; 401 when malformed."""
-    header = request.headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, key = header.partition(" ")
-    key = key.strip()
-    if scheme.lower() != "bearer" or not key or len(key) > 128 or not key.isascii():
-        raise HTTPException(status_code=401, detail="Authorization must be 'Bearer <API key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
-    return key
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE_HTML, headers={"Content-Security-Policy": PAGE_CSP,
+                                                "X-Content-Type-Options": "nosniff"})
 
 
 def build_app(config: ServingConfig, replicas: int = 1) -> serve.Application:

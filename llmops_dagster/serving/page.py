@@ -23,7 +23,7 @@ PAGE_HTML = """<!doctype html>
   button { font: inherit; padding: .3rem .9rem; margin: .3rem .3rem .3rem 0; }
   #reviewer { margin-top: 2.5rem; border-top: 1px solid #ccc; padding-top: .5rem; }
   #reviewer summary { font-size: 1.25rem; font-weight: bold; cursor: pointer; }
-  #reviewer-key { width: 24rem; max-width: 100%; }
+  #reviewer-key { width: 15rem; max-width: 100%; }
   #review-status { font-weight: 600; }
   #reviews { list-style: none; padding: 0; }
   #reviews li { border: 1px solid #ccc; border-radius: 4px; padding: .6rem .8rem; margin: .8rem 0; }
@@ -249,3 +249,18 @@ $("forget-key").onclick = () => {
 </body>
 </html>
 """
+
+
+def _script_hash(html: str) -> str:
+    import base64
+    import hashlib
+
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    return base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode()
+
+
+# The page loads nothing from elsewhere: only its own inline script (by hash) and style may run,
+# and it may talk to this origin only. A second line of defence behind textContent.
+PAGE_CSP = (f"default-src 'none'; script-src 'sha256-{_script_hash(PAGE_HTML)}'; "
+            "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
