@@ -95,9 +95,13 @@ def approved_model(
             f"`llmops models approve {version.version}` (or set approve_version and approver in the "
             f"launchpad), then materialize approved_model again",
         )
+    change = "no change (already production)" if version.stage == "production" else "promoted"
     if version.stage != "production":
-        version = registry.promote(engine, version.version, actor="policy",
-                                   reason=f"passed the policy (report {report['id']})")
+        try:
+            version = registry.promote(engine, version.version, actor="policy", automatic=True,
+                                       reason=f"passed the policy (report {report['id']})")
+        except registry.RegistryError as error:  # a rolled-back version: only a person
+            raise dg.Failure(description=str(error)) from None
     versions = pd.DataFrame([{"version": v.version, "stage": v.stage, "approver": v.approver,
                               "dataset": v.dataset_version, "updated": str(v.updated_at)[:19]}
                              for v in registry.list_versions(engine)[:10]])
@@ -110,6 +114,7 @@ def approved_model(
                 if k != "approved_model"}),
             "version": version.version,
             "stage": version.stage,
+            "change": change,
             "approver": version.approver or "-",
             "eval_report_id": report["id"],
             "decision": dg.MetadataValue.md(pd.DataFrame(decision.checks).to_markdown(index=False)),

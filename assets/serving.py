@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 import sqlalchemy as sa
+from pydantic import Field
 
 from assets.governance import approved_model
 from llmops_dagster.governance import registry
@@ -23,6 +24,10 @@ class ServingDeploymentConfig(dg.Config):
     generate_rate_limit: str = declared(ServingConfig, "generate_rate_limit")
     feedback_rate_limit: str = declared(ServingConfig, "feedback_rate_limit")
     max_queued_requests: int = declared(ServingConfig, "max_queued_requests")
+    rollback_from: str = Field(default="", description="Set by rollback_guard's `rollback` runs: "
+                               "first roll the registry back from this version (nothing when it is "
+                               "no longer production), then serve the version it restores.")
+    rollback_reason: str = Field(default="", description="Why (kept in the registry's audit log).")
 
     def check(self, http_host: str) -> None:
         """Refuse settings that would expose the model: an open /v1/generate off loopback, or a
@@ -75,11 +80,24 @@ def serving_deployment(
     """The production model served over HTTP (Ray Serve, batched) with request and feedback logs."""
     config.check(ray_serve.http_host)
     engine = database.engine()
+    if config.rollback_from:
+        restored = registry.rollback(engine, actor="rollback_guard", expected=config.rollback_from,
+                                     reason=config.rollback_reason or "rollback run")
+        context.log.info(f"registry: {restored.version} is production (rollback from "
+                         f"{config.rollback_from} requested)")
     version = registry.production(engine)
     if version is None:
         raise dg.Failure("no model version is in production: materialize approved_model first")
-    url = ray_serve.deploy(serving_config(engine, version, database.url(), config))
-    context.log.info(f"model {version.version} is served at {url}")
+    wanted = serving_config(engine, version, database.url(), config)
+    served = ray_serve.served() or {}
+    unchanged = (served.get("model_version"), served.get("config_digest")) == (
+        wanted.model_version, wanted.digest())
+    if unchanged:  # e.g. a retrain that reproduced the production model: nothing to roll out
+        url = ray_serve.url()
+        context.log.info(f"model {version.version} is served at {url} with this config already: no change")
+    else:
+        url = ray_serve.deploy(wanted)
+        context.log.info(f"model {version.version} is served at {url}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version),
         tags={"llmops/model_version": version.version},
@@ -87,6 +105,7 @@ def serving_deployment(
             **lineage_metadata(context.instance, model_lineage_versions(engine, version)),
             "url": dg.MetadataValue.url(url),
             "model_version": version.version,
+            "change": "no change (already served)" if unchanged else "deployed",
             "replicas": ray_serve.replicas,
             "max_batch_size": config.max_batch_size,
             "generate": "API key required" if config.generate_requires_key else "open (loopback)",

@@ -107,7 +107,9 @@ class FinetuneConfig(dg.Config):
         )
 
 
-@dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"})
+# pool "trainer": one fine-tune at a time on an instance (dagster.yaml gives a pool one slot).
+@dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"},
+          pool="trainer")
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,

@@ -5,6 +5,7 @@
     llmops db start|stop|url     the embedded server (start is implied by every other command)
     llmops serve stop|status     the local Ray head that serving starts (not a cluster given by address)
     llmops ui [--port N]         `dagster dev` (webserver and daemon) that stops on Ctrl-C and SIGTERM
+    llmops status                the registry's production version, the served one, runs in flight
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
     llmops trace RESPONSE_ID [--html FILE]   a served answer back to its model, prompt set, dataset
                                  and rows; --html also writes it as a page linked to the Dagster UI
@@ -94,6 +95,39 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     _prepare_instance_env()
     return run_dagster_dev(dict(os.environ), host=args.host, port=args.port)
+
+
+def cmd_status(_: argparse.Namespace) -> int:
+    """Registry, Ray Serve and Dagster side by side: do they agree, and what is about to change."""
+    import dagster as dg
+
+    from llmops_dagster.loop import runs
+    from resources.serving import RayServeResource
+    from schedules.jobs import SERVING_JOBS
+
+    engine = _database().engine()
+    promotion = registry.current_promotion(engine)
+    serve = RayServeResource()
+    served = serve.served_version()
+    if promotion is None:
+        print("registry      no version in production")
+    else:
+        print(f"registry      {promotion.version} in production since {promotion.at:%Y-%m-%d %H:%M:%S} "
+              f"({promotion.actor}: {promotion.reason[:80]})")
+    print(f"served        {served or 'nothing answers'} at {serve.url()}")
+    agree = promotion is not None and served == promotion.version
+    _prepare_instance_env()
+    with dg.DagsterInstance.get() as instance:
+        pending = runs.in_flight(instance, SERVING_JOBS)
+    for run in pending:
+        print(f"run           {run.run_id} {run.job_name} {run.status.value} "
+              f"(trigger {run.tags.get('llmops/trigger', 'person')})")
+    if not pending:
+        print("run           none queued or running")
+    if promotion is not None:
+        print("agreement     " + ("yes" if agree else "NO: serving_reconciler requests a deploy "
+                                  "(or run `llmops run --job deploy`)"))
+    return 0 if agree or promotion is None else 1
 
 
 # Markdown tables worth reading in a terminal: the eval table, the policy decision, the registry.
@@ -517,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-traffic", action="store_true", help="skip the sample requests and trace")
     run.set_defaults(handler=cmd_run)
     commands.add_parser("env", help="environment for dagster dev").set_defaults(handler=cmd_env)
+    commands.add_parser("status", help="registry, served version and runs in flight, side by side"
+                        ).set_defaults(handler=cmd_status)
     db = commands.add_parser("db", help="the platform database")
     db.add_argument("action", choices=["start", "stop", "url"])
     db.set_defaults(handler=cmd_db)

@@ -9,16 +9,22 @@ from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
 from resources.serving import RayServeResource
 from resources.trainer import TrainerResource
-from schedules.automation import drift_sensor, feedback_sensor, nightly_retrain_schedule, rollback_guard
-from schedules.jobs import deploy_job, main_job, retrain_job
+from schedules.automation import (
+    drift_sensor,
+    feedback_sensor,
+    nightly_retrain_schedule,
+    rollback_guard,
+    serving_reconciler,
+)
+from schedules.jobs import deploy_job, main_job, retrain_job, rollback_job
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(
         [dataset, prompts, training, evaluation, governance, serving, feedback]
     ),
-    jobs=[main_job, retrain_job, deploy_job],
+    jobs=[main_job, retrain_job, deploy_job, rollback_job],
     schedules=[nightly_retrain_schedule()],
-    sensors=[feedback_sensor, drift_sensor, rollback_guard],
+    sensors=[feedback_sensor, drift_sensor, rollback_guard, serving_reconciler],
     resources={
         "database": PostgresResource(),
         "artifacts": ArtifactStore(),

@@ -24,11 +24,22 @@ storage:
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
-  config:
+# Two runs at a time. One fine-tune at a time: finetuned_checkpoint is in pool "trainer", and an
+# unconfigured pool gets one slot; a second run waits at that step instead of training into the
+# same folder.
+concurrency:
+  runs:
     max_concurrent_runs: 2
+  pools:
+    granularity: op
+    default_limit: 1
+# Runs tagged dagster/max_retries (the rollback job) are retried by the daemon when they fail.
+run_retries:
+  enabled: true
 telemetry:
   enabled: false
 """
+WRITTEN_BY_LLMOPS = DAGSTER_YAML.splitlines()[0]
 
 
 def dagster_database_url(admin_url: str) -> str:
@@ -43,6 +54,8 @@ def prepare_dagster_home(admin_url: str) -> dict[str, str]:
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     config = Path(home) / "dagster.yaml"
-    if not config.exists():
+    # Ours (first line) and out of date: rewritten; a file a person wrote is left alone.
+    if not config.exists() or (config.read_text().startswith(WRITTEN_BY_LLMOPS)
+                               and config.read_text() != DAGSTER_YAML):
         config.write_text(DAGSTER_YAML)
     return {"DAGSTER_HOME": str(home), DAGSTER_URL_ENV: dagster_database_url(admin_url)}

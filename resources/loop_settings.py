@@ -9,8 +9,15 @@ class LoopSettings(dg.ConfigurableResource):
                                     "model that trigger a retraining.")
     drift_window: int = Field(default=200, description="Newest production prompts compared (count).")
     drift_reference: int = Field(default=2000, description="Training-prompt embeddings compared.")
-    drift_alpha: float = Field(default=0.05, description="Target false-alarm rate of the drift test.")
-    drift_permutations: int = Field(default=200, description="Shuffles calibrating the threshold.")
+    # One test per new window of drift_window prompts: at 1 request a second that is 432 tests a day,
+    # so alpha 0.01 gives about 4.3 false alarms a day, of which the cooldown lets at most 4 retrain
+    # (and a retrain on unchanged data reproduces the production model: "no change", no deploy).
+    drift_alpha: float = Field(default=0.01, description="Target false-alarm rate of one drift test "
+                               "(one test per new window of drift_window prompts).")
+    drift_permutations: int = Field(default=500, description="Shuffles calibrating the threshold "
+                                    "(at least 5 / drift_alpha).")
+    drift_cooldown_s: int = Field(default=6 * 3600, description="No drift retrain within this many "
+                                  "seconds of the last retrain run (any trigger).")
     guard_margin: float = Field(default=0.1, description="Roll back when the new version's negative "
                                 "rate exceeds the previous one's by more than this.")
     guard_min_ratings: int = Field(default=20, description="Ratings of each version before judging.")

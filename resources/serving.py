@@ -49,6 +49,18 @@ class RayServeResource(dg.ConfigurableResource):
     def url(self) -> str:
         return f"http://{self.http_host}:{self.http_port}"
 
+    def served(self, timeout_s: float = 2) -> dict | None:
+        """What Serve answers at /healthz (model version, config digest), or None when nothing
+        answers within `timeout_s`."""
+        try:
+            with urllib.request.urlopen(f"{self.url()}/healthz", timeout=timeout_s) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return None
+
+    def served_version(self) -> str | None:
+        return (self.served() or {}).get("model_version")
+
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
         """Deploy (or roll out) `config`; return once /healthz answers with its model version."""
         from ray import serve

@@ -6,16 +6,21 @@ same window again launches nothing twice.
 """
 
 import json
+import time
 
 import dagster as dg
 
 from llmops_dagster.governance import registry
-from llmops_dagster.loop import signals
+from llmops_dagster.loop import runs, signals
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
-from schedules.jobs import deploy_job, retrain_job
+from resources.serving import RayServeResource
+from schedules.jobs import RETRAIN_JOBS, SERVING_JOBS, deploy_job, retrain_job, rollback_job
+
+GUARD = "rollback_guard"  # the actor of automatic rollbacks in the registry's audit log
+RECONCILE_RETRY_S = 600  # a failed reconciling deploy is requested again after this long
 
 
 def nightly_retrain_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
@@ -47,6 +52,10 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     if window.negative < loop_settings.feedback_threshold:
         return dg.SkipReason(f"{window.negative} new counted negative ratings on {production.version}; "
                              f"threshold {loop_settings.feedback_threshold}")
+    pending = runs.in_flight(context.instance, RETRAIN_JOBS)
+    if pending:  # the rows keep counting; the next window starts after this retrain
+        return dg.SkipReason(f"{window.negative} new counted negative ratings, but run "
+                             f"{pending[0].run_id} ({pending[0].job_name}) is queued or running")
     context.update_cursor(window.until)
     return dg.RunRequest(
         run_key=f"feedback-{window.key}",
@@ -59,11 +68,20 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
 def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource,
                  embedder: EmbedderResource, loop_settings: LoopSettings):
     """Retrain when recent production prompts drift from the production model's training prompts
-    (centroid cosine distance, permutation-calibrated to drift_alpha false alarms)."""
+    (centroid cosine distance, permutation-calibrated to drift_alpha false alarms a test): one test
+    per new window of prompts, never while a retrain is queued or running, and not within
+    drift_cooldown_s of the last retrain."""
     engine = database.engine()
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
+    pending = runs.in_flight(context.instance, RETRAIN_JOBS)
+    if pending:
+        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+    since_retrain = runs.seconds_since(runs.last_created(context.instance, "retrain"))
+    if since_retrain is not None and since_retrain < loop_settings.drift_cooldown_s:
+        return dg.SkipReason(f"cooldown: the last retrain was {since_retrain:.0f} s ago "
+                             f"(drift_cooldown_s {loop_settings.drift_cooldown_s})")
     check = signals.check_production_drift(engine, embedder.embed, production,
                                            **loop_settings.drift_test(), tested_window=context.cursor)
     if check.result is None:
@@ -82,23 +100,61 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     )
 
 
-@dg.sensor(job=deploy_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=rollback_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING)
 def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResource,
                    loop_settings: LoopSettings):
-    """Roll back (registry, then deployment) when the new production version's live negative rate
-    exceeds the previous version's by more than the margin over enough ratings."""
+    """Request a rollback run when the production version's live negative rate, since its
+    promotion, exceeds the previous version's (over its own time in production) by more than the
+    margin, over enough counted ratings of each.
+
+    The sensor only decides; the `rollback` run changes the registry and redeploys, and its run
+    key is the promotion being judged (its audit-log entry), so no decision is applied twice. A
+    version that came back by an automatic rollback is not rolled back automatically again: that
+    needs a person (`llmops models rollback --reason ...`)."""
     engine = database.engine()
-    production = registry.production(engine)
-    if production is None:
+    promotion = registry.current_promotion(engine)
+    if promotion is None:
         return dg.SkipReason("no model is in production yet")
     previous = registry.previous_production(engine)
     if previous is None:
-        return dg.SkipReason(f"{production.version} is the first production version")
-    reason = signals.guard_verdict(traffic_log.live_rate(engine, production.version),
-                                traffic_log.live_rate(engine, previous), loop_settings.guard_margin,
-                                loop_settings.guard_min_ratings)
+        return dg.SkipReason(f"{promotion.version} has no previous version to roll back to")
+    pending = runs.in_flight(context.instance, SERVING_JOBS)
+    if pending:
+        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+    new = traffic_log.live_rate(engine, promotion.version, since=promotion.at)
+    old = traffic_log.live_rate(engine, previous, since=registry.promoted_at(engine, previous))
+    reason = signals.guard_verdict(new, old, loop_settings.guard_margin, loop_settings.guard_min_ratings)
     if reason is None:
-        return dg.SkipReason(f"{production.version} is doing no worse than {previous}")
-    restored = registry.rollback(engine, actor="rollback_guard", reason=reason)
-    return dg.RunRequest(run_key=f"rollback-{production.version}-to-{restored.version}",
-                         tags={"llmops/trigger": "rollback_guard"})
+        return dg.SkipReason(f"{promotion.version} is doing no worse than {previous}")
+    if promotion.by_rollback and promotion.actor == GUARD:
+        context.log.warning(f"{reason}; {promotion.version} came back by an automatic rollback, "
+                            "so another one needs a person")
+        return dg.SkipReason(f"needs a person: {reason}; {promotion.version} is production by an "
+                             f"automatic rollback already (llmops models rollback --reason ...)")
+    return dg.RunRequest(
+        run_key=f"rollback-decision-{promotion.audit_id}",
+        run_config={"ops": {"serving_deployment": {"config": {
+            "rollback_from": promotion.version, "rollback_reason": reason}}}},
+        tags={"llmops/trigger": GUARD, "llmops/rollback_from": promotion.version,
+              "llmops/rollback_to": previous},
+    )
+
+
+@dg.sensor(job=deploy_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def serving_reconciler(context: dg.SensorEvaluationContext, database: PostgresResource,
+                       ray_serve: RayServeResource):
+    """Keep the served version equal to the registry's production version: when they differ (a
+    failed deploy, a rollback by hand, a lost Ray head) and no run that serves is queued or
+    running, request a deploy; a failed one is asked for again after RECONCILE_RETRY_S."""
+    production = registry.production(database.engine())
+    if production is None:
+        return dg.SkipReason("no model is in production yet")
+    served = ray_serve.served_version()
+    if served == production.version:
+        return dg.SkipReason(f"serving {served}, the registry's production version")
+    pending = runs.in_flight(context.instance, SERVING_JOBS)
+    if pending:
+        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+    slot = int(time.time() // RECONCILE_RETRY_S)
+    return dg.RunRequest(run_key=f"reconcile-{production.version}-from-{served or 'nothing'}-{slot}",
+                         tags={"llmops/trigger": "reconcile", "llmops/served": served or "nothing"})

@@ -23,8 +23,20 @@ retrain_job = dg.define_asset_job(
     description="Curate feedback, revalidate, retrain, re-evaluate, re-approve and redeploy.",
 )
 
-# Redeploys whatever the registry says is production (after a rollback).
+# Redeploys whatever the registry says is production (the reconciler's repair, or by hand).
 deploy_job = dg.define_asset_job(
     "deploy", selection=dg.AssetSelection.assets("serving_deployment"),
     description="Serve the registry's production version.",
 )
+
+# rollback_guard's decision, applied in a run: the registry rollback (config rollback_from) and the
+# redeploy in one step; retried on failure, and a reapplied rollback changes nothing.
+rollback_job = dg.define_asset_job(
+    "rollback", selection=dg.AssetSelection.assets("serving_deployment"),
+    tags={"dagster/max_retries": "2"},
+    description="Roll the registry back from a version (config) and serve the version it restores.",
+)
+
+# Jobs whose runs change what is served: while one is queued or running, no sensor asks for more.
+SERVING_JOBS = ["main", "retrain", "deploy", "rollback"]
+RETRAIN_JOBS = ["main", "retrain"]

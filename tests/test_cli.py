@@ -40,7 +40,7 @@ def test_undecodable_bytes_in_an_argument_are_refused_without_a_traceback(tmp_pa
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["run", "--job", "nope"], "--job 'nope' is not a job; one of ['deploy', 'main', 'retrain']"),
+    (["run", "--job", "nope"], "--job 'nope' is not a job; one of ['deploy', 'main', 'retrain', 'rollback']"),
     (["run", "--config", "{bad"], "--config is not JSON: Expecting property name"),
     (["run", "--config", "[1]"], "--config must be a JSON object"),
 ])
@@ -59,3 +59,37 @@ def test_trace_finds_a_response_by_its_id_in_any_case(fresh_database, capsys):
     assert cli.main(["trace", response_id.upper()]) == 2
     # Found (the chain stops at the model, which this database does not have), not "not found".
     assert "model version 'v-missing' in the registry not found" in capsys.readouterr().err
+
+
+def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_database, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A production version that nothing serves (no Ray Serve on a free port): status says they
+    disagree and exits 1; a queued rollback run is listed."""
+    import dagster as dg
+
+    from llmops_dagster.definitions import defs
+    from llmops_dagster.governance import registry
+
+    engine = fresh_database.engine()
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO dataset_versions (version, input_hash, source, path, rows_input, rows_accepted, "
+            "rows_quarantined) VALUES ('d1', 'h', 'synthetic', '/nowhere', 1, 1, 0)"))
+    registry.register_candidate(engine, version="v1", dataset_version="d1", prompt_set_version="p1",
+                                base_model_version="b1", checkpoint_path="-", adapter_path="-",
+                                merged_model_path="-", train_config={}, eval_report_id=None)
+    registry.promote(engine, "v1", actor="policy", reason="passed")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    from llmops_dagster import database
+
+    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
+        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))  # this test's own runs
+    cli._prepare_instance_env()
+    with dg.DagsterInstance.get() as instance:
+        instance.create_run_for_job(job_def=defs.resolve_job_def("rollback"),
+                                    tags={"llmops/trigger": "rollback_guard"})
+    monkeypatch.setattr("resources.serving.RayServeResource.url", lambda self: "http://127.0.0.1:9")
+    assert cli.main(["status"]) == 1
+    out = capsys.readouterr().out
+    assert "registry      v1 in production" in out and "served        nothing answers" in out
+    assert "rollback NOT_STARTED (trigger rollback_guard)" in out and "agreement     NO" in out

@@ -11,12 +11,13 @@ import sqlalchemy as sa
 from llmops_dagster import database
 from llmops_dagster.dataset import embeddings
 from llmops_dagster.dataset.synthetic_data import generate_examples
+from llmops_dagster.definitions import defs
 from llmops_dagster.governance import registry
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
-from schedules.automation import drift_sensor, feedback_sensor, rollback_guard
+from schedules.automation import GUARD, drift_sensor, feedback_sensor, rollback_guard
 
 
 @pytest.fixture
@@ -122,32 +123,96 @@ def test_drift_sensor_fires_on_a_new_topic_only(engine, instance):
     reference = [e["prompt"] for e in examples[:300]]
     embedder = EmbedderResource()
     embeddings.store_embeddings(engine, "d1", list(range(1, 301)), reference, embedder.embed(reference))
+    settings = {"drift_window": 60, "drift_reference": 300}
 
     serve(engine, "v2", [e["prompt"] for e in examples[300:360]])
-    result, cursor = evaluate(drift_sensor, instance, drift_window=60, drift_reference=300)
+    result, cursor = evaluate(drift_sensor, instance, **settings)
     assert isinstance(result, dg.SkipReason) and "no drift" in result.skip_message
+
+    # The next test waits for a whole new window: 40 new prompts are not one.
+    serve(engine, "v2", [e["prompt"] for e in examples[360:400]])
+    waiting, same = evaluate(drift_sensor, instance, cursor=cursor, **settings)
+    assert isinstance(waiting, dg.SkipReason) and "40 new prompts" in waiting.skip_message
+    assert same == cursor
 
     topics = ["Can you recommend a good pasta recipe for dinner?", "What is the capital of Peru?",
               "Explain how photosynthesis works.", "Who won the football match yesterday?"]
-    serve(engine, "v2", [topics[i % 4] + f" ({i})" for i in range(20)])  # a third of the window
-    result, cursor = evaluate(drift_sensor, instance, cursor=cursor, drift_window=60, drift_reference=300)
+    serve(engine, "v2", [topics[i % 4] + f" ({i})" for i in range(20)])  # a third of the new window
+    result, cursor = evaluate(drift_sensor, instance, cursor=cursor, **settings)
     assert isinstance(result, dg.RunRequest) and result.run_key.startswith("drift-v2@")
     assert "statistic" in result.tags["llmops/drift"]
-    again, _ = evaluate(drift_sensor, instance, cursor=cursor, drift_window=60, drift_reference=300)
-    assert isinstance(again, dg.SkipReason) and "tested already" in again.skip_message
+    again, _ = evaluate(drift_sensor, instance, cursor=cursor, **settings)
+    assert isinstance(again, dg.SkipReason) and "0 new prompts" in again.skip_message
 
 
-def test_rollback_guard_restores_the_previous_version(engine, instance):
-    serve(engine, "v1", ["q"] * 20, [-1] * 2 + [1] * 18)
-    serve(engine, "v2", ["q"] * 10, [-1] * 5 + [1] * 5)
+def test_a_drift_storm_retrains_at_most_once_in_the_cooldown(engine, instance):
+    """1,000 off-topic prompts, the sensor evaluated after every 50: one retrain request, then
+    nothing while that retrain is queued, and nothing in the cooldown after it."""
+    reference = [e["prompt"] for e in generate_examples(n_rows=300, seed=5)]
+    embeddings.store_embeddings(engine, "d1", list(range(1, 301)), reference,
+                                EmbedderResource().embed(reference))
+    settings = {"drift_window": 50, "drift_reference": 300}
+    requested, skipped, cursor, run = [], [], None, None
+    for batch in range(20):
+        serve(engine, "v2", [f"Tell me a joke about pirates, number {batch * 50 + i}." for i in range(50)])
+        result, cursor = evaluate(drift_sensor, instance, cursor=cursor, **settings)
+        if isinstance(result, dg.RunRequest):
+            requested.append(result)
+            # The daemon queues it: a retrain run now exists for this instance.
+            run = instance.create_run_for_job(job_def=defs.resolve_job_def("retrain"),
+                                              tags={"dagster/run_key": result.run_key})
+        else:
+            skipped.append(result.skip_message)
+        if batch == 4 and run is not None:
+            instance.report_run_failed(run)  # the retrain is over (the cooldown counts any outcome)
+    assert len(requested) == 1
+    assert any("queued or running" in m for m in skipped[:4]) and "cooldown" in skipped[-1]
+
+
+def test_rollback_guard_decides_once_and_a_flip_flop_needs_a_person(engine, instance):
+    """The guard only decides: its rollback is applied by a run (here, as that run does), under a
+    run key naming the promotion judged, so a restarted daemon asks for the same run and a retried
+    run changes nothing. A version that came back by an automatic rollback is not rolled back
+    automatically again, and a rolled-back version is never promoted again by the policy."""
+    registry.register_candidate(
+        engine, version="v3", dataset_version="d1", prompt_set_version="p1", base_model_version="b1",
+        checkpoint_path="-", adapter_path="-", merged_model_path="-", train_config={},
+        eval_report_id=None)
+    registry.promote(engine, "v3", actor="policy", reason="passed", automatic=True)
+    serve(engine, "v2", ["q"] * 20, [-1] * 2 + [1] * 18)  # v2 did well in production
+    serve(engine, "v3", ["q"] * 10, [-1] * 5 + [1] * 5)
     result, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
-    assert isinstance(result, dg.SkipReason)  # too few ratings of v2 to judge
-    serve(engine, "v2", ["q"] * 10, [-1] * 5 + [1] * 5)
+    assert isinstance(result, dg.SkipReason)  # too few ratings of v3 to judge
+    serve(engine, "v3", ["q"] * 10, [-1] * 5 + [1] * 5)
     result, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
-    assert isinstance(result, dg.RunRequest) and result.run_key == "rollback-v2-to-v1"
-    assert registry.production(engine).version == "v1"
-    last = registry.audit_log(engine)[-1]
-    assert last["actor"] == "rollback_guard" and "50.0% over 20 ratings" in last["reason"]
+    promotion = registry.current_promotion(engine)
+    assert isinstance(result, dg.RunRequest) and result.run_key == f"rollback-decision-{promotion.audit_id}"
+    assert result.run_config["ops"]["serving_deployment"]["config"]["rollback_from"] == "v3"
+    assert registry.production(engine).version == "v3"  # the sensor changed nothing
+    restarted, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
+    assert restarted.run_key == result.run_key
+
+    reason = result.run_config["ops"]["serving_deployment"]["config"]["rollback_reason"]
+    assert "50.0% over 20 ratings" in reason
+    for _attempt in range(2):  # the run, and a retry of it: applied once
+        registry.rollback(engine, actor=GUARD, reason=reason, expected="v3")
+    assert registry.production(engine).version == "v2"
+    assert [e["to_stage"] for e in registry.audit_log(engine, "v3")].count("archived") == 1
+
+    # v2 now does badly too: a second automatic rollback in a row needs a person.
+    serve(engine, "v1", ["q"] * 20, [1] * 20)
+    serve(engine, "v2", ["q"] * 20, [-1] * 15 + [1] * 5)
+    held, _ = evaluate(rollback_guard, instance, guard_min_ratings=20)
+    assert isinstance(held, dg.SkipReason) and held.skip_message.startswith("needs a person")
+    # The policy never brings back the version the guard took out; a person can, with a reason.
+    with pytest.raises(registry.RegistryError, match="only a person"):
+        registry.promote(engine, "v3", actor="policy", reason="retrained", automatic=True)
+    registry.promote(engine, "v3", actor="alice", reason="fixed upstream data")
+    assert registry.production(engine).version == "v3"
+    # ... and a rollback never restores a version a rollback took out: from v2, back to v1.
+    registry.rollback(engine, actor="alice", reason="still bad")
+    assert registry.production(engine).version == "v2"
+    assert registry.previous_production(engine) == "v1"
 
 
 def test_production_traffic_is_observed_and_drift_is_materialized_on_demand(engine, instance):

@@ -188,8 +188,22 @@ def list_versions(engine: sa.Engine) -> list[ModelVersion]:
         return [ModelVersion(**row) for row in rows]
 
 
-def promote(engine: sa.Engine, version: str, *, actor: str, reason: str) -> ModelVersion:
-    """Make `version` production and archive the version it replaces, in one transaction."""
+ROLLED_BACK = "rolled back to "  # how a rollback's archive entry starts (see rollback)
+
+
+def _was_rolled_back(connection: sa.Connection, version: str) -> bool:
+    """Whether `version` was ever taken out of production by a rollback."""
+    return bool(connection.execute(
+        sa.text("SELECT 1 FROM model_audit_log WHERE version = :v AND from_stage = 'production' "
+                "AND to_stage = 'archived' AND starts_with(reason, :prefix) LIMIT 1"),
+        {"v": version, "prefix": ROLLED_BACK}).scalar())
+
+
+def promote(engine: sa.Engine, version: str, *, actor: str, reason: str,
+            automatic: bool = False) -> ModelVersion:
+    """Make `version` production and archive the version it replaces, in one transaction.
+    `automatic` (the policy, not a person): a version once rolled back is refused; only a person
+    brings it back, with a reason."""
     with engine.begin() as connection:
         _lock(connection)
         target = _get(connection, version)
@@ -199,6 +213,10 @@ def promote(engine: sa.Engine, version: str, *, actor: str, reason: str) -> Mode
             raise RegistryError(
                 f"model version {version!r} was rejected; a rejected version cannot be promoted"
             )
+        if automatic and _was_rolled_back(connection, version):
+            raise RegistryError(
+                f"model version {version!r} was rolled back; only a person can promote it again "
+                f"(llmops models approve {version} --reason ...)")
         current = _production(connection)
         if current is not None:
             # First: the unique index allows no moment with two production rows.
@@ -228,24 +246,34 @@ def reject(engine: sa.Engine, version: str, *, actor: str, reason: str) -> Model
 
 
 def _previous_production(connection: sa.Connection, current: str) -> str | None:
-    """The version that was production right before `current`: the last one archived from production,
-    other than `current` itself."""
+    """The version a rollback of `current` restores: the last one archived from production, other
+    than `current`, that was not itself rolled back (so a second rollback never brings back the
+    version the first one took out)."""
     return connection.execute(
         sa.text(
-            "SELECT version FROM model_audit_log WHERE from_stage = 'production' AND to_stage = 'archived' "
-            "AND version <> :current ORDER BY id DESC LIMIT 1"
+            "SELECT a.version FROM model_audit_log a JOIN model_versions v USING (version) "
+            "WHERE a.from_stage = 'production' AND a.to_stage = 'archived' AND a.version <> :current "
+            "AND v.stage = 'archived' AND NOT EXISTS (SELECT 1 FROM model_audit_log r "
+            "WHERE r.version = a.version AND r.from_stage = 'production' AND r.to_stage = 'archived' "
+            "AND starts_with(r.reason, :prefix)) ORDER BY a.id DESC LIMIT 1"
         ),
-        {"current": current},
+        {"current": current, "prefix": ROLLED_BACK},
     ).scalar()
 
 
-def rollback(engine: sa.Engine, *, actor: str, reason: str) -> ModelVersion:
-    """Archive the production version and restore the one that was production before it."""
+def rollback(engine: sa.Engine, *, actor: str, reason: str,
+             expected: str | None = None) -> ModelVersion:
+    """Archive the production version and restore the one that was production before it.
+    `expected`: the version the decision was about; when production is no longer it, nothing
+    changes (a rollback run retried after it applied, or overtaken by a person) and the current
+    production version is returned."""
     with engine.begin() as connection:
         _lock(connection)
         current = _production(connection)
         if current is None:
             raise RegistryError("no model version is in production; there is nothing to roll back")
+        if expected is not None and current.version != expected:
+            return current
         previous_version = _previous_production(connection, current.version)
         if previous_version is None:
             raise RegistryError(
@@ -259,7 +287,7 @@ def rollback(engine: sa.Engine, *, actor: str, reason: str) -> ModelVersion:
                 f"it is {previous.stage}, not archived"
             )
         _move(connection, current, "archived", actor=actor,
-              reason=f"rolled back to {previous_version!r}: {reason}", decided=False)
+              reason=f"{ROLLED_BACK}{previous_version!r}: {reason}", decided=False)
         _move(connection, previous, "production", actor=actor,
               reason=f"rollback from {current.version!r}: {reason}", decided=True)
         return _get(connection, previous_version)
@@ -276,6 +304,39 @@ def audit_log(engine: sa.Engine, version: str | None = None) -> list[dict]:
             {"version": version},
         ).mappings()
         return [dict(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """How the production version got there: its audit entry (the decision's id) and who did it."""
+
+    version: str
+    audit_id: int
+    actor: str
+    reason: str
+    at: datetime
+
+    @property
+    def by_rollback(self) -> bool:
+        return self.reason.startswith("rollback from ")
+
+
+def current_promotion(engine: sa.Engine) -> Promotion | None:
+    """The audit entry that made the current production version production."""
+    with engine.connect() as connection:
+        row = connection.execute(sa.text(
+            "SELECT a.version, a.id AS audit_id, a.actor, a.reason, a.at FROM model_audit_log a "
+            "JOIN model_versions v USING (version) WHERE v.stage = 'production' "
+            "AND a.to_stage = 'production' ORDER BY a.id DESC LIMIT 1")).mappings().first()
+    return Promotion(**row) if row else None
+
+
+def promoted_at(engine: sa.Engine, version: str) -> datetime | None:
+    """When `version` last became production (None: never)."""
+    with engine.connect() as connection:
+        return connection.execute(sa.text(
+            "SELECT max(at) FROM model_audit_log WHERE version = :v AND to_stage = 'production'"),
+            {"v": version}).scalar()
 
 
 def previous_production(engine: sa.Engine) -> str | None:

@@ -26,14 +26,21 @@ def check_production_drift(engine, embed: Callable, production, window: int, ref
                            alpha: float, permutations: int, tested_window: str | None = None
                            ) -> DriftCheck:
     """Test the newest `window` prompts served by `production` against up to `reference_size`
-    training-prompt embeddings of its dataset; skip a window already tested (`tested_window`)."""
+    training-prompt embeddings of its dataset, once per new window: after a tested window
+    (`tested_window`, "version@time of its newest prompt"), the next test waits for `window` new
+    prompts, so windows never overlap and each prompt is tested once (alpha false alarms a window,
+    not a tick)."""
+    tested_version, _, tested_until = (tested_window or "").partition("@")
+    if tested_version == production.version and tested_until:
+        fresh = traffic_log.prompts_after(engine, production.version, tested_until)
+        if fresh < window:
+            return DriftCheck(tested_window, None, f"{fresh} new prompts since the window tested "
+                                                   f"last (ending {tested_until}); a window is {window}")
     prompts, newest = traffic_log.recent_prompts(engine, production.version, window)
     if len(prompts) < window:
         return DriftCheck(None, None, f"{len(prompts)} prompts served by {production.version}; "
                                       f"the window is {window}")
     window_key = f"{production.version}@{newest}"
-    if window_key == tested_window:
-        return DriftCheck(window_key, None, f"window ending {newest} was tested already")
     reference = embeddings.reference_embeddings(engine, production.dataset_version, reference_size)
     if len(reference) < 2:
         return DriftCheck(window_key, None,

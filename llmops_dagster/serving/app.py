@@ -157,6 +157,14 @@ class ServingConfig:
         "help": "Requests queued at the proxy beyond what replicas are working on; over it: 503 "
         "with Retry-After (Serve's backpressure), never unbounded waiting."})
 
+    def digest(self) -> str:
+        """A short hash of everything a replica serves with but the database URL (a secret): equal
+        digests mean redeploying would change nothing."""
+        import hashlib
+
+        settings = {k: v for k, v in asdict(self).items() if k != "database_url"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
 
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")
 
@@ -343,7 +351,8 @@ class ModelServer:
 
     @api.get("/healthz")
     def healthz(self) -> dict:
-        return {"status": "ok", "model_version": self.config.model_version}
+        return {"status": "ok", "model_version": self.config.model_version,
+                "config_digest": self.config.digest()}
 
     @api.get("/", response_class=HTMLResponse)
     def page(self) -> HTMLResponse:

@@ -161,6 +161,15 @@ def recent_prompts(engine: sa.Engine, model_version: str, window: int) -> tuple[
     return [r.prompt for r in rows], (rows[0].created_at.isoformat() if rows else None)
 
 
+def prompts_after(engine: sa.Engine, model_version: str, after: str) -> int:
+    """Prompts served by `model_version` after time `after` (ISO), counted on the (version, time) index."""
+    with engine.connect() as connection:
+        return int(connection.execute(
+            sa.text("SELECT count(*) FROM request_log WHERE model_version = :v "
+                    "AND created_at > CAST(:after AS timestamptz)"),
+            {"v": model_version, "after": after}).scalar_one())
+
+
 @dataclass(frozen=True)
 class LiveRate:
     """Counted ratings of one version (a rating without a credential never moves the guard)."""
@@ -174,13 +183,16 @@ class LiveRate:
         return self.negative / self.ratings if self.ratings else 0.0
 
 
-def live_rate(engine: sa.Engine, version: str) -> LiveRate:
+def live_rate(engine: sa.Engine, version: str, since=None) -> LiveRate:
+    """Counted ratings of answers `version` served at or after `since` (its promotion; None: all),
+    so a version is judged on its own time in production, not on stale ratings of old answers."""
     with engine.connect() as connection:
         row = connection.execute(
             sa.text("SELECT count(*) AS ratings, count(*) FILTER (WHERE f.rating < 0) AS negative "
                     "FROM feedback f JOIN request_log r USING (response_id) "
-                    "WHERE f.counted AND r.model_version = :v"),
-            {"v": version}).one()
+                    "WHERE f.counted AND r.model_version = :v "
+                    "AND (CAST(:since AS timestamptz) IS NULL OR r.created_at >= :since)"),
+            {"v": version, "since": since}).one()
     return LiveRate(version=version, ratings=int(row.ratings), negative=int(row.negative))
 
 
