@@ -10,7 +10,7 @@ from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_snapshot, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
 from llmops_dagster.feedback import curation
-from llmops_dagster.lineage import latest_metadata, stage_definition
+from llmops_dagster.lineage import stage_definition, upstream_metadata
 from llmops_dagster.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -106,7 +106,7 @@ def validated_dataset(
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
     """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
-    raw = latest_metadata(context, raw_examples)
+    raw = upstream_metadata(context, raw_examples)
     engine = database.engine()
     snapshot = load_snapshot(raw["snapshot_path"])
     corrections = curation.correction_examples(engine, max_rows=config.max_feedback_rows)
@@ -174,7 +174,7 @@ def dataset_embeddings(
     embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """Embeddings of the training prompts in pgvector (HNSW), the reference set for drift."""
-    dataset = latest_metadata(context, validated_dataset)
+    dataset = upstream_metadata(context, validated_dataset)
     accepted = dataset_store.read_accepted(dataset["path"])
     train = accepted[accepted["split"] == "train"]
     engine = database.engine()

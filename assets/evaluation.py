@@ -11,9 +11,9 @@ from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import (
     eval_report_version,
-    latest_metadata,
     lineage_metadata,
     stage_definition,
+    upstream_metadata,
 )
 from resources.database import PostgresResource
 
@@ -42,7 +42,7 @@ def eval_report(
 ) -> dg.MaterializeResult:
     """Candidate vs champion vs base on the held-out split: loss, EM, token F1, slices, latency.
     The main numbers are on the trusted split; feedback-derived examples are a slice of their own."""
-    candidate = latest_metadata(context, finetuned_checkpoint)
+    candidate = upstream_metadata(context, finetuned_checkpoint)
     run = json.loads(Path(candidate["train_config"]).read_text())
     engine = database.engine()
     champion = registry.production(engine)

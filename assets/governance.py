@@ -14,10 +14,10 @@ from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import policy, registry
 from llmops_dagster.lineage import (
     failed_checks,
-    latest_metadata,
     lineage_metadata,
     model_lineage_versions,
     stage_definition,
+    upstream_metadata,
 )
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
@@ -53,8 +53,8 @@ def approved_model(
     if config.mode not in MODES:
         raise dg.Failure(f"approved_model.mode must be one of {MODES}, got {config.mode!r}")
     engine = database.engine()
-    candidate = latest_metadata(context, finetuned_checkpoint)
-    report = scoring.load_report(engine, latest_metadata(context, eval_report)["report_id"])
+    candidate = upstream_metadata(context, finetuned_checkpoint)
+    report = scoring.load_report(engine, upstream_metadata(context, eval_report)["report_id"])
     if report["candidate_version"] != candidate["version"]:
         raise dg.Failure(f"the latest eval_report judged {report['candidate_version']}, not the latest "
                          f"fine-tune {candidate['version']}: materialize eval_report first")

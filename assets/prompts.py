@@ -8,7 +8,7 @@ from pydantic import Field
 
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
-from llmops_dagster.lineage import latest_metadata, stage_definition
+from llmops_dagster.lineage import stage_definition, upstream_metadata
 from llmops_dagster.prompts import templates
 from llmops_dagster.settings import PROMPTS_DIR
 from resources.artifacts import ArtifactStore
@@ -30,7 +30,7 @@ def prompt_set(
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
     """Train and eval records rendered from a versioned prompt template over the validated dataset."""
-    dataset = latest_metadata(context, validated_dataset)
+    dataset = upstream_metadata(context, validated_dataset)
     template = templates.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
     version = templates.prompt_set_version(template, dataset["version"])
     records = templates.render_records(template, dataset_store.read_accepted(dataset["path"]))

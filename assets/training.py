@@ -7,7 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.prompts import prompt_set
-from llmops_dagster.lineage import latest_metadata, lineage_metadata, stage_definition
+from llmops_dagster.lineage import lineage_metadata, stage_definition, upstream_metadata
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
 from llmops_dagster.settings import declared
 from llmops_dagster.training import base_model as base_models
@@ -45,7 +45,7 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
     """The causal LM to fine-tune, as a Hugging Face folder loadable with from_pretrained."""
-    prompts = latest_metadata(context, prompt_set)
+    prompts = upstream_metadata(context, prompt_set)
     if config.source == SCRATCH:
         train_file = Path(prompts["path"]) / SPLIT_FILES["train"]
         records = read_records(train_file)
@@ -117,8 +117,8 @@ def finetuned_checkpoint(
     trainer: TrainerResource,
 ) -> dg.MaterializeResult:
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
-    prompts = latest_metadata(context, prompt_set)
-    base = latest_metadata(context, base_model)
+    prompts = upstream_metadata(context, prompt_set)
+    base = upstream_metadata(context, base_model)
     try:  # every setting that can be known wrong is checked before a process starts
         launch.check_settings(base["path"], config.num_processes, config.target_modules)
         deepspeed_config = launch.resolve_deepspeed_config(
