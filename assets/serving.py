@@ -88,7 +88,7 @@ def serving_deployment(
     version = registry.production(engine)
     if version is None:
         raise dg.Failure("no model version is in production: materialize approved_model first")
-    wanted = serving_config(engine, version, database.url(), config)
+    wanted = ray_serve.with_replicas(serving_config(engine, version, database.url(), config))
     served = ray_serve.served() or {}
     unchanged = (served.get("model_version"), served.get("config_digest")) == (
         wanted.model_version, wanted.digest())

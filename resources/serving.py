@@ -61,13 +61,19 @@ class RayServeResource(dg.ConfigurableResource):
     def served_version(self) -> str | None:
         return (self.served() or {}).get("model_version")
 
+    def with_replicas(self, config: ServingConfig) -> ServingConfig:
+        """`config` with this resource's replica count (what a deploy would serve)."""
+        import dataclasses
+
+        return dataclasses.replace(config, replicas=self.replicas)
+
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
         """Deploy (or roll out) `config`; return once /healthz answers with its model version."""
         from ray import serve
 
         ray_cluster.connect(self.address())
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
-        serve.run(build_app(config, self.replicas), name=APP_NAME, route_prefix="/",
+        serve.run(build_app(self.with_replicas(config)), name=APP_NAME, route_prefix="/",
                   blocking=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

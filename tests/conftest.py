@@ -95,6 +95,19 @@ def resources(fresh_database, tmp_path):
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A one-layer scratch model (Hugging Face folder) with a tokenizer trained on order questions."""
+    from llmops_dagster.training.base_model import ScratchModelSpec, build_scratch_model
+
+    texts = [f"Customer: where is order A{10000 + i}? Assistant: order A{10000 + i} ships today."
+             for i in range(200)]
+    folder = tmp_path_factory.mktemp("base")
+    build_scratch_model(texts, ScratchModelSpec(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=1, num_attention_heads=2), folder)
+    return folder
+
+
 @pytest.fixture
 def instance():
     with dg.instance_for_test() as test_instance:

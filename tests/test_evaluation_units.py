@@ -132,20 +132,6 @@ def test_a_report_stored_before_the_feedback_slice_reads_as_one_without_it():
     assert scoring.read_comparison(HOLDS) == (HOLDS, {"examples": 0, "metrics": {}, "comparison": None})
 
 
-TEXTS = [f"Customer: where is order A{10000 + i}? Assistant: order A{10000 + i} ships today."
-         for i in range(100)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from llmops_dagster.training.base_model import ScratchModelSpec, build_scratch_model
-
-    folder = tmp_path_factory.mktemp("base")
-    build_scratch_model(TEXTS, ScratchModelSpec(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=1, num_attention_heads=2), folder)
-    return str(folder)
-
-
 def test_evaluate_scores_the_feedback_slice_apart_and_the_loss_on_the_scored_records(tiny_model,
                                                                                     tmp_path):
     from llmops_dagster.training.examples import encode_records, evaluate_loss
@@ -159,14 +145,15 @@ def test_evaluate_scores_the_feedback_slice_apart_and_the_loss_on_the_scored_rec
     records = [record(i, 500 + i) for i in range(3)] + [record(i, None) for i in range(3, 8)]
     eval_file = tmp_path / "eval.jsonl"
     eval_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    models = {"candidate": tiny_model, "champion": tiny_model, "base": tiny_model}
+    path = str(tiny_model)
+    models = {"candidate": path, "champion": path, "base": path}
     report = scoring.evaluate(models, eval_file, max_examples=4, max_new_tokens=4, seq_len=48,
                               bootstrap_samples=50, seed=0, max_feedback_examples=2)
 
     assert report.metrics()["candidate"]["examples"] == 4
     assert set(report.feedback_metrics()) == set(models) and report.feedback_examples() == 2
     assert report.comparison["examples"] == 4 and report.feedback_comparison["examples"] == 2
-    model, tokenizer = scoring.load_model(tiny_model)
+    model, tokenizer = scoring.load_model(path)
     trusted_loss = evaluate_loss(model, encode_records(records[3:7], tokenizer, 48))
     assert report.scores["candidate"].loss == pytest.approx(trusted_loss)
     assert report.feedback_scores["candidate"].loss != pytest.approx(trusted_loss)

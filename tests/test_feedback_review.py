@@ -184,6 +184,15 @@ def validate(resources, instance, **config):
     return checks[QUARANTINE_CHECK], checks[FEEDBACK_CHECK], metadata
 
 
+def accept_cancellations(engine, series: str) -> None:
+    """Three good corrections (orders <series>00000..2), accepted by a reviewer and curated."""
+    for n in range(3):
+        feedback_id = rate(engine, prompt=f"Cancel order {series}{n:05d}",
+                           correction=f"Order {series}{n:05d} is cancelled.")
+        review.decide(engine, feedback_id, "accept", actor="rev")
+    curate(engine)
+
+
 def test_bad_feedback_never_blocks_training_on_the_source_data(raw_and_feedback, resources):
     """127 accepted corrections with e-mail addresses (a reviewer's mistake, or a flood that got
     through): over the feedback budget, so all feedback is left out and a warning is raised; the
@@ -193,11 +202,7 @@ def test_bad_feedback_never_blocks_training_on_the_source_data(raw_and_feedback,
         feedback_id = rate(engine, prompt=f"Where is my order A{n:05d}?",
                            correction=f"Mail victim{n}@example.com your password.")
         review.decide(engine, feedback_id, "accept", actor="careless")
-    good = [rate(engine, prompt=f"Cancel order B{n:05d}", correction=f"Order B{n:05d} is cancelled.")
-            for n in range(3)]
-    for feedback_id in good:
-        review.decide(engine, feedback_id, "accept", actor="rev")
-    curate(engine)
+    accept_cancellations(engine, "B")
 
     blocking, feedback_check, metadata = validate(resources, instance)
     assert blocking.passed and not feedback_check.passed
@@ -213,10 +218,6 @@ def test_bad_feedback_never_blocks_training_on_the_source_data(raw_and_feedback,
     # Within budget (the bad ones purged), the good corrections are in the version.
     review.purge(engine, review.PurgeFilter(until=datetime.now(UTC) + timedelta(days=1)),
                  actor="ops", reason="clean up")
-    fresh = [rate(engine, prompt=f"Cancel order C{n:05d}", correction=f"Order C{n:05d} is cancelled.")
-             for n in range(3)]
-    for feedback_id in fresh:
-        review.decide(engine, feedback_id, "accept", actor="rev")
-    curate(engine)
+    accept_cancellations(engine, "C")
     blocking, feedback_check, metadata = validate(resources, instance)
     assert blocking.passed and feedback_check.passed and metadata["rows_from_feedback"] == 3

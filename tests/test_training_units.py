@@ -6,19 +6,7 @@ import json
 import pytest
 
 from llmops_dagster.training import checkpoints, launch
-from llmops_dagster.training.base_model import ScratchModelSpec, build_scratch_model
 from llmops_dagster.training.examples import IGNORE_INDEX, BatchOrder, encode_examples
-
-TEXTS = [f"Customer: where is order A{10000 + i}? Assistant: order A{10000 + i} ships today."
-         for i in range(200)]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    build_scratch_model(TEXTS, ScratchModelSpec(vocab_size=300, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=1, num_attention_heads=2), folder)
-    return folder
 
 
 def test_overrides_and_schedule_follow_the_typed_config():

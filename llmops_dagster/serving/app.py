@@ -33,6 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
+from sqlalchemy.exc import DBAPIError
 
 from llmops_dagster.feedback import review
 from llmops_dagster.serving import credentials, traffic_log
@@ -145,6 +146,7 @@ class ServingConfig:
     batch_wait_timeout_s: float = field(default=0.005, metadata={
         "help": "Longest wait of a lone request for company in its batch (s)."})
     seq_len: int = FinetuneSettings.seq_len  # prompt tokens kept: the length the model trained on
+    replicas: int = 1  # Serve replicas (RayServeResource.replicas); part of what a deploy changes
     generate_requires_key: bool = field(default=False, metadata={
         "help": "Refuse /v1/generate without a client, rater or reviewer key (401). Open is allowed "
         "only while Serve listens on loopback (serving_deployment refuses otherwise)."})
@@ -158,11 +160,14 @@ class ServingConfig:
         "with Retry-After (Serve's backpressure), never unbounded waiting."})
 
     def digest(self) -> str:
-        """A short hash of everything a replica serves with but the database URL (a secret): equal
-        digests mean redeploying would change nothing."""
+        """A short hash of everything a replica serves with, the database named without its
+        password: equal digests mean redeploying would change nothing."""
         import hashlib
+        from urllib.parse import urlsplit
 
+        database = urlsplit(self.database_url)
         settings = {k: v for k, v in asdict(self).items() if k != "database_url"}
+        settings["database"] = f"{database.username}@{database.hostname}:{database.port}{database.path}"
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -195,6 +200,14 @@ def _bearer(request: Request) -> str | None:
     return key
 
 
+@api.exception_handler(DBAPIError)
+async def _database_unavailable(request, error: DBAPIError) -> Response:
+    """503 with Retry-After when the database cannot take the answer or the rating: nothing is
+    acknowledged that was not committed, and a client retries instead of waiting."""
+    return Response(json.dumps({"detail": "the database is unavailable; nothing was stored, retry"}),
+                    status_code=503, media_type="application/json", headers={"Retry-After": "1"})
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class ModelServer:
@@ -213,8 +226,11 @@ class ModelServer:
         self.model = AutoModelForCausalLM.from_pretrained(self.config.model_path).eval()
         self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
             self.config.prompt_template)
-        # pool_recycle instead of a ping a checkout: one round trip less a request.
-        self.engine = sa.create_engine(self.config.database_url, pool_size=4, pool_recycle=300)
+        # pre_ping: after a database restart, a pooled connection is tested and replaced at
+        # checkout (one short round trip) instead of failing the request that drew it.
+        # connect_timeout (s): a database that cannot be reached fails fast (503), never hangs.
+        self.engine = sa.create_engine(self.config.database_url, pool_size=4, pool_recycle=300,
+                                       pool_pre_ping=True, connect_args={"connect_timeout": 2})
         self.token_secret = credentials.signing_secret(self.engine)
         self.rate_limits = RateLimits({"generate": self.config.generate_rate_limit,
                                        "feedback": self.config.feedback_rate_limit,
@@ -360,12 +376,12 @@ class ModelServer:
                                                 "X-Content-Type-Options": "nosniff"})
 
 
-def build_app(config: ServingConfig, replicas: int = 1) -> serve.Application:
+def build_app(config: ServingConfig) -> serve.Application:
     """The Serve application for `config` (not yet running): a bounded queue at the proxy, whose
     overflow is answered 503 with Retry-After."""
     from ray.serve.config import BackpressureConfig
 
     return ModelServer.options(
-        num_replicas=replicas, max_queued_requests=config.max_queued_requests,
+        num_replicas=config.replicas, max_queued_requests=config.max_queued_requests,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
     ).bind(asdict(config))
