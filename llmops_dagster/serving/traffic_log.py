@@ -120,10 +120,11 @@ class FeedbackWindow:
 
     @property
     def key(self) -> str:
-        """The window named by its start and the rows it holds, not by `until` (which moves with
-        every transaction on the server): a daemon that re-evaluates the same rows after a restart
-        gets the same key, which Dagster never launches twice."""
-        return hashlib.sha256(f"{self.since}|{self.negative}|{self.newest_id}".encode()).hexdigest()[:16]
+        """The window named by where it starts (the cursor), nothing else: one decision a cursor
+        position. A daemon that dies after requesting the run but before saving the cursor
+        evaluates again from the same start and asks for the same key, which Dagster never
+        launches twice, however many rows arrived meanwhile (they join that run's window)."""
+        return hashlib.sha256(f"{self.since}".encode()).hexdigest()[:16]
 
 
 def new_negative_feedback(engine: sa.Engine, since: str | None, model_version: str) -> FeedbackWindow:
