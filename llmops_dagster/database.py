@@ -47,10 +47,17 @@ def with_database(url: str, database: str) -> str:
 
 def _embedded_server(data_dir: Path):
     import pgserver
+    from pgserver.utils import PostmasterInfo
 
     data_dir.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process and is reused by the next one.
-    return pgserver.get_server(data_dir, cleanup_mode=None)
+    server = pgserver.get_server(data_dir, cleanup_mode=None)
+    # pgserver keeps one handle a folder for the life of the process: a server stopped or killed
+    # since (llmops db stop, a crash) is started again here, not assumed to be running.
+    info = PostmasterInfo.read_from_pgdata(data_dir)
+    if info is None or not info.is_running():
+        server.ensure_postgres_running()
+    return server
 
 
 def embedded_server_url(data_dir: Path) -> str:

@@ -151,6 +151,18 @@ def test_postgres_killed_under_load_loses_no_acknowledged_rating(platform_db, se
     finally:
         engine.dispose()
     assert stored == acknowledged  # not one acknowledged rating lost
+    print(f"\nPostgreSQL SIGKILL: {len(outcomes)} questions, {len(acknowledged)} ratings acknowledged, "
+          f"{sum(o['generate'] == 503 or o.get('feedback') == 503 for o in outcomes)} answered 503 "
+          f"(slowest {max(refused):.2f} s), 0 lost")
+
+
+def model_replicas() -> list[str]:
+    """Names of the live ModelServer replica actors (Serve's namespace)."""
+    import ray
+
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and "SERVE_REPLICA" in a["name"]
+                  and "ModelServer" in a["name"])
 
 
 def test_a_replica_killed_under_load_fails_at_most_one_percent(platform_db, served_template, llmops_home,
@@ -167,23 +179,24 @@ def test_a_replica_killed_under_load_fails_at_most_one_percent(platform_db, serv
     served = two.deploy(template_config(platform_db, url))
     with Traffic(served, rate=False) as traffic:
         time.sleep(5)
-        replicas = [name for name in ray.util.list_named_actors(all_namespaces=True)
-                    if "SERVE_REPLICA" in str(name)]
-        victim = next(n for n in replicas if "ModelServer" in str(n))
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+        victim = model_replicas()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         killed_at = time.monotonic()
         back_after = None
-        while time.monotonic() - killed_at < 60:
+        while time.monotonic() - killed_at < 120:  # back: two replicas running, the victim not one
             states = serve.status().applications["llmops"].deployments["ModelServer"].replica_states
             running = sum(n for state, n in states.items()
                           if str(getattr(state, "value", state)) == "RUNNING")
-            if running == 2 and time.monotonic() - killed_at > 1:
+            alive = model_replicas()
+            if running == 2 and len(alive) == 2 and victim not in alive:
                 back_after = time.monotonic() - killed_at
                 break
-            time.sleep(0.5)
+            time.sleep(0.25)
         time.sleep(5)
     outcomes = traffic.outcomes
     failed = [o for o in outcomes if o["generate"] != 200]
     assert len(outcomes) >= 200
     assert len(failed) <= 0.01 * len(outcomes), (len(failed), len(outcomes), failed[:3])
-    assert back_after is not None and back_after < 60, back_after
+    assert back_after is not None and back_after < 120, back_after
+    print(f"\nreplica killed: {len(failed)} of {len(outcomes)} requests failed "
+          f"({len(failed) / len(outcomes):.2%}); both replicas running again after {back_after:.1f} s")
