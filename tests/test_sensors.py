@@ -274,3 +274,22 @@ def test_a_rating_committed_late_is_curated_exactly_once(engine):
     assert curate() == []
     with engine.connect() as connection:
         assert connection.execute(sa.text("SELECT count(*) FROM curated_feedback")).scalar_one() == 4
+
+
+def test_serving_reconciler_deploys_when_registry_and_serve_disagree(engine, instance):
+    """Nothing answers where Serve should be (a lost head, a failed deploy): a deploy is requested,
+    once per retry period; not while a run that serves is queued or running."""
+    from resources.serving import RayServeResource
+    from schedules.automation import serving_reconciler
+
+    def reconcile():
+        context = dg.build_sensor_context(instance=instance, resources={
+            "database": PostgresResource(), "ray_serve": RayServeResource(http_port=9)})
+        return serving_reconciler(context)
+
+    request = reconcile()
+    assert isinstance(request, dg.RunRequest) and request.run_key.startswith("reconcile-v2-from-nothing-")
+    assert reconcile().run_key == request.run_key  # the same decision in this retry period
+    instance.create_run_for_job(job_def=defs.resolve_job_def("rollback"))
+    waiting = reconcile()
+    assert isinstance(waiting, dg.SkipReason) and "queued or running" in waiting.skip_message

@@ -1,0 +1,92 @@
+"""Retrain triggers at once: one fine-tune at a time, and no run spoils another's files.
+
+Four processes materialize finetuned_checkpoint at the same moment against one Dagster instance
+configured as `llmops` writes it (PostgreSQL storage, pool "trainer" with one slot). Four is twice
+what the instance's run queue would ever start at once (max_concurrent_runs 2), so it stands for
+any number of triggers. The fine-tune steps must not overlap in time; every run succeeds; the one
+version they all produce is complete.
+
+Touches: a database and a Dagster database of its own on the session's server, an artifact root
+under tmp_path, DeepSpeed ranks on this machine.
+"""
+
+import multiprocessing
+import os
+import uuid
+from pathlib import Path
+
+import dagster as dg
+
+from llmops_dagster import database
+
+RUNS = 4
+SMALL = {"ops": {"finetuned_checkpoint": {"config": {"max_steps": 20, "checkpoint_every": 10}}}}
+
+
+def _resources(artifacts: str) -> dict:
+    from resources.artifacts import ArtifactStore
+    from resources.database import PostgresResource
+    from resources.embedder import EmbedderResource
+    from resources.trainer import TrainerResource
+
+    return {"database": PostgresResource(), "artifacts": ArtifactStore(root=artifacts),
+            "embedder": EmbedderResource(), "trainer": TrainerResource()}
+
+
+def _finetune(environment: dict, artifacts: str, results) -> None:
+    """One trigger, in a process of its own: materialize finetuned_checkpoint."""
+    os.environ.update(environment)
+    from assets.prompts import prompt_set
+    from assets.training import base_model, finetuned_checkpoint
+
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize([prompt_set, base_model, finetuned_checkpoint],
+                                selection=[finetuned_checkpoint], resources=_resources(artifacts),
+                                instance=instance, run_config=SMALL, raise_on_error=False)
+        results.put((result.run_id, result.success))
+
+
+def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, tmp_path, monkeypatch):
+    from assets.dataset import raw_examples, validated_dataset
+    from assets.prompts import prompt_set
+    from assets.training import base_model
+    from llmops_dagster.instance import prepare_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
+        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))
+    environment = prepare_dagster_home(fresh_database.admin_url())
+    environment["LLMOPS_DATABASE_URL"] = os.environ["LLMOPS_DATABASE_URL"]
+    artifacts = str(tmp_path / "artifacts")
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert dg.materialize(
+            [raw_examples, validated_dataset, prompt_set, base_model], resources=_resources(artifacts),
+            instance=instance, run_config={"ops": {"raw_examples": {"config": {"synthetic_rows": 300}}}},
+        ).success
+
+    spawn = multiprocessing.get_context("spawn")
+    results = spawn.Queue()
+    processes = [spawn.Process(target=_finetune, args=(environment, artifacts, results))
+                 for _ in range(RUNS)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=900)
+    outcomes = [results.get(timeout=5) for _ in range(RUNS)]
+    assert all(success for _, success in outcomes), outcomes
+
+    spans = []
+    with dg.DagsterInstance.get() as instance:
+        for run_id, _ in outcomes:
+            events = {}
+            for record in instance.get_records_for_run(run_id).records:
+                event = record.event_log_entry
+                if event.step_key == "finetuned_checkpoint" and event.dagster_event is not None:
+                    events.setdefault(event.dagster_event.event_type_value, event.timestamp)
+            spans.append((events["STEP_START"], events["STEP_SUCCESS"]))
+    spans.sort()
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+    [version] = [p for p in (Path(artifacts) / "finetunes").iterdir() if not p.name.startswith(".")]
+    assert (version / "DONE").exists() and (version / "adapter").is_dir()
+    assert not [p for p in (version / "deepspeed").iterdir() if p.name.startswith(".staging-")]
