@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +42,25 @@ class PromptTemplate:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def render(self, prompt: str) -> str:
-        environment = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-        return environment.from_string(self.text).render(prompt=prompt)
+        return template_environment().from_string(self.text).render(prompt=prompt)
+
+
+def template_environment() -> jinja2.Environment:
+    """Where prompt templates render: Jinja's immutable sandbox (a template formats its variables
+    and can neither reach Python internals nor change anything), undefined variables an error."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+
+
+TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def load_template(prompts_dir: Path, name: str) -> PromptTemplate:
+    """The template `name` (a file prompts/<name>.jinja; no path, no '..')."""
+    if not TEMPLATE_NAME.fullmatch(name) or ".." in name:
+        raise PromptTemplateError(f"prompt template name {name!r} must be a file name in {prompts_dir} "
+                                  "(letters, digits, '_', '-', '.'; no path)")
     path = prompts_dir / f"{name}{TEMPLATE_SUFFIX}"
     if not path.is_file():
         available = sorted(p.stem for p in prompts_dir.glob(f"*{TEMPLATE_SUFFIX}"))

@@ -36,6 +36,7 @@ from ray import serve
 from sqlalchemy.exc import DBAPIError
 
 from llmops_dagster.feedback import review
+from llmops_dagster.prompts.templates import template_environment
 from llmops_dagster.serving import credentials, traffic_log
 from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
@@ -185,6 +186,13 @@ async def _refuse(request, error: RequestValidationError) -> Response:
                     media_type="application/json")
 
 
+def storable_answer(text: str) -> str:
+    """Generated text without what PostgreSQL text cannot hold (NUL; lone surrogates): a model can
+    decode a NUL byte (the byte-level tokenizer has one), and one such answer would fail the
+    whole batch's INSERT."""
+    return "".join(c for c in text if c != "\x00" and not 0xD800 <= ord(c) <= 0xDFFF)
+
+
 def _bearer(request: Request) -> str | None:
     """The key of an `Authorization: Bearer KEY` header; None without one; 401 when malformed.
     Defined above the deployment class: `serve.ingress` captures the module's globals as they
@@ -214,7 +222,6 @@ class ModelServer:
     """One replica: the tokenizer and model, a DB engine, and the batched generate."""
 
     def __init__(self, config: dict):
-        import jinja2
         import sqlalchemy as sa
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -224,8 +231,7 @@ class ModelServer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_path)
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(self.config.model_path).eval()
-        self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-            self.config.prompt_template)
+        self.template = template_environment().from_string(self.config.prompt_template)
         # pre_ping: after a database restart, a pooled connection is tested and replaced at
         # checkout (one short round trip) instead of failing the request that drew it.
         # connect_timeout (s): a database that cannot be reached fails fast (503), never hangs.
@@ -254,7 +260,8 @@ class ModelServer:
             output = self.model.generate(
                 input_ids, attention_mask=attention, max_new_tokens=max(max_new_tokens),
                 do_sample=False, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
-        return [self.tokenizer.decode(row[width: width + budget], skip_special_tokens=True).strip()
+        return [storable_answer(self.tokenizer.decode(row[width: width + budget],
+                                                      skip_special_tokens=True)).strip()
                 for row, budget in zip(output, max_new_tokens, strict=True)]
 
     def _answer_and_log(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
