@@ -69,7 +69,8 @@ def cmd_db(args: argparse.Namespace) -> int:
         return 0
     url = resource.url()
     resource.engine()  # migrated
-    print(url if args.action == "url" else f"PostgreSQL ready at {url}")
+    shown = database.redacted(url)  # a password never reaches a terminal or a log
+    print(shown if args.action == "url" else f"PostgreSQL ready at {shown}")
     return 0
 
 

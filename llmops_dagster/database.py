@@ -39,6 +39,16 @@ def sqlalchemy_url(url: str, setting: str = "LLMOPS_DATABASE_URL") -> str:
     return urlunsplit(parts._replace(scheme="postgresql+psycopg2"))
 
 
+def redacted(url: str) -> str:
+    """The URL with its password replaced by ***, for anything a person or a log reads."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
 def with_database(url: str, database: str) -> str:
     """The same server URL pointing at another database."""
     parts = urlsplit(url)

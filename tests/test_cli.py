@@ -93,3 +93,18 @@ def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_databa
     out = capsys.readouterr().out
     assert "registry      v1 in production" in out and "served        nothing answers" in out
     assert "rollback NOT_STARTED (trigger rollback_guard)" in out and "agreement     NO" in out
+
+
+def test_database_urls_are_printed_without_their_password(fresh_database, monkeypatch, capsys):
+    from llmops_dagster import database
+
+    assert database.redacted("postgresql://app:S3cretPW@db.example:5432/llmops") == \
+        "postgresql://app:***@db.example:5432/llmops"
+    assert database.redacted("postgresql://app@db/llmops") == "postgresql://app@db/llmops"
+    url = fresh_database.url()
+    parts = url.split("://", 1)
+    user_host = parts[1].split("@", 1)
+    with_password = f"{parts[0]}://{user_host[0]}:S3cretPW@{user_host[1]}" if "@" in parts[1] else url
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", with_password)
+    cli.main(["db", "url"])
+    assert "S3cretPW" not in capsys.readouterr().out
