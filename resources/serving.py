@@ -29,9 +29,10 @@ class RayServeResource(dg.ConfigurableResource):
     local_port: int = Field(default=ray_cluster.LOCAL_PORT, description="GCS port of the local head.")
 
     def local_temp_dir(self) -> Path:
-        """Ray's socket paths must stay short: a folder under /tmp named after LLMOPS_HOME."""
+        """Ray's socket paths must stay short: `ray` in a folder under /tmp named after this user
+        and LLMOPS_HOME, that folder private to this user (ray_cluster.private_folder)."""
         key = hashlib.sha256(f"{llmops_home()}:{self.local_port}".encode()).hexdigest()[:8]
-        return Path(f"/tmp/llmops-ray-{key}")
+        return Path(f"/tmp/llmops-ray-{os.getuid()}-{key}") / "ray"
 
     def address(self) -> str:
         configured = os.environ.get(self.address_env_var, "").strip()

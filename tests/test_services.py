@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 from llmops_dagster import database
 from llmops_dagster.training.launch import free_port
@@ -106,3 +107,25 @@ def test_serve_stop_without_a_head(tmp_path):
                             text=True, timeout=120, env={**os.environ, "LLMOPS_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "no local Ray head was running"
+
+
+def test_the_local_ray_head_keeps_its_folder_and_token_private(ray_serve, tmp_path):
+    """The folder around the head's temp folder is 0700 and this user's; its token file 0600; a
+    folder that is a link (or another user's) is refused, one open to others is closed."""
+    import stat
+
+    from llmops_dagster.serving import ray_cluster
+
+    ray_serve.address()  # the session's head, started when it is not running
+    folder = ray_serve.local_temp_dir().parent  # Ray's own folder inside is 0777, by Ray
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
+    token = Path.home() / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    assert stat.S_IMODE(ray_cluster.private_folder(shared).stat().st_mode) == 0o700
+    link = tmp_path / "link"
+    link.symlink_to(shared)
+    with pytest.raises(ray_cluster.UnsafeFolderError, match="refusing"):
+        ray_cluster.private_folder(link)

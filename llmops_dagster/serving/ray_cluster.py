@@ -26,11 +26,15 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> 
     """Start the local head when none answers on `port`; return its address."""
     address = f"127.0.0.1:{port}"
     os.environ.update(AUTH_ENV)
-    if not (Path.home() / ".ray" / "auth_token").exists():
+    token = Path.home() / ".ray" / "auth_token"
+    if not token.exists():
         _ray("get-auth-token", "--generate")
+    token.chmod(0o600)  # Ray writes it 0644: the token opens every port of the cluster
     status = _ray("status", f"--address={address}", check=False)
     if status.returncode != 0:
-        temp_dir.mkdir(parents=True, exist_ok=True)
+        # Ray makes its temp folder and those inside it 0777: a private parent keeps others out.
+        private_folder(temp_dir.parent)
+        temp_dir.mkdir(exist_ok=True)
         result = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                       f"--ray-client-server-port={client_server_port(port)}",
                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
@@ -38,6 +42,24 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> 
         if result.returncode != 0:
             raise RuntimeError(f"could not start the local Ray head: {result.stderr[-2000:]}")
     return address
+
+
+class UnsafeFolderError(RuntimeError):
+    """A folder the platform would keep sockets or logs in is not private; the message names it."""
+
+
+def private_folder(folder: Path) -> Path:
+    """`folder`, created 0700 when missing; refused when someone else owns it or others may enter
+    it (Ray makes its session, log and socket folders 0777 inside: only a private parent keeps
+    other local users out of them)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid():
+        raise UnsafeFolderError(f"{folder} is owned by uid {info.st_uid}, not this user ({os.getuid()}), "
+                                "or is a link: refusing to start Ray there")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+    return folder
 
 
 def connect(address: str) -> None:
