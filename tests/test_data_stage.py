@@ -32,6 +32,15 @@ def metadata(result, asset) -> dict:
     return {k: v.value for k, v in event.metadata.items()}
 
 
+def validation_pii(text: str) -> list[str]:
+    """The PII labels whose pattern still matches `text`."""
+    import re
+
+    from llmops_dagster.dataset.validation import PII_PATTERNS
+
+    return [label for label, pattern in PII_PATTERNS.items() if re.search(pattern, text)]
+
+
 def check_evaluation(result, name: str = "quarantine_within_threshold"):
     """The blocking quarantine check's evaluation (the feedback budget check is the other one)."""
     [evaluation] = [e for e in result.get_asset_check_evaluations() if e.asset_check_key.name == name]
@@ -127,6 +136,9 @@ def test_messy_file_is_quarantined_row_by_row_and_blocks_downstream(resources, i
         assert row.source == str(source)
         assert json.loads(row.original_row)  # the whole original row is kept
     assert "Caf\\xe9 order" in json.loads(stored[6].original_row)["_raw"]
+    pii = [json.loads(row.original_row) for row in stored if "(PII)" in " ".join(row.reasons)]
+    assert len(pii) == 3 and all("*" in json.dumps(row) for row in pii)  # kept, but masked
+    assert not any(validation_pii(json.dumps(row)) for row in pii)
 
 
 def test_missing_required_column_fails_the_check_naming_it(resources, instance, tmp_path):

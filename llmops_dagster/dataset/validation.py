@@ -255,11 +255,23 @@ def _run_suite(frame: pd.DataFrame, suite: list[_Rule]) -> list[list[int]]:
 
 
 def _original_row(row: dict, source_columns: list[str]) -> str:
-    """The whole row as the source held it, as JSON text (ASCII-escaped, so any byte survives)."""
+    """The whole row as the source held it, as JSON text (ASCII-escaped, so any byte survives),
+    with personal data masked (mask_pii): quarantine keeps why and where, not the data itself."""
     if isinstance(row.get("_raw"), str):
-        return json.dumps({"_raw": row["_raw"]})
-    values = {c: row[c] for c in source_columns if not _is_missing(row[c])}
+        return json.dumps({"_raw": mask_pii(row["_raw"])})
+    values = {c: mask_pii(row[c]) if isinstance(row[c], str) else row[c]
+              for c in source_columns if not _is_missing(row[c])}
     return json.dumps(values, default=str, sort_keys=True)
+
+
+def mask_pii(text: str) -> str:
+    """`text` with every letter and digit of a PII_PATTERNS match replaced by '*': the shape (and
+    so the reason) stays readable, the address, number or card does not."""
+    import re
+
+    for pattern in PII_PATTERNS.values():
+        text = re.sub(pattern, lambda m: re.sub(r"[^\W_]", "*", m.group(0)), text)
+    return text
 
 
 def _is_missing(value: object) -> bool:
