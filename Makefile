@@ -23,6 +23,7 @@ run: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
+	$(BIN)/bandit -q -c pyproject.toml -r llmops_dagster assets resources schedules
 	$(BIN)/pytest
 
 # The page test drives Debian's Chromium (Playwright's own browser download does not work here).

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 # A token, for length bounds before any model tokenizer exists: a run of word characters or one
 # punctuation mark. It counts about 1.3 tokens per English word, close to a BPE tokenizer.
-TOKEN_PATTERN = r"\w+|[^\w\s]"
+TOKEN_PATTERN = r"\w+|[^\w\s]"  # nosec B105
 
 # Label -> pattern; the label completes "contains ..." in the reason a row gets. Boundaries are
 # consumed ((?:^|[^\w-]) ...) instead of looked around, so pandas runs them in Arrow's RE2 engine
