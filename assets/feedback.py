@@ -44,6 +44,9 @@ class FeedbackTableConfig(dg.Config):
     max_rows: int = Field(default=100_000, description="Most feedback rows curated in one run.")
     retention_days: int = Field(default=365, description="Feedback older than this many days is "
                                 "purged (with an audit record) before curating; 0 keeps it forever.")
+    answer_retention_days: int = Field(default=365, description="Answers (prompts and responses in "
+                                       "request_log) older than this many days are deleted with their "
+                                       "ratings before curating; 0 keeps them forever.")
 
 
 @dg.asset(**stage_definition("feedback"), deps=["production_traffic"], kinds={"postgres", "pgvector"})
@@ -56,6 +59,8 @@ def feedback_table(
     Feedback past its retention is purged first."""
     engine = database.engine()
     expired = review.expire(engine, config.retention_days)
+    answers_expired, ratings_expired = review.expire_answers(engine, config.answer_retention_days)
+    expired += ratings_expired
     rows = traffic_log.uncurated_feedback(engine, config.max_rows)
     vectors = embedder.embed(rows["prompt"].tolist()) if len(rows) else []
     added = curation.store_curated(engine, rows, vectors)
@@ -75,6 +80,7 @@ def feedback_table(
             "corrections_pending_review": reviews["pending"],
             "corrections_rejected": reviews["rejected"],
             "rows_purged_by_retention": len(expired),
+            "answers_deleted_by_retention": answers_expired,
             "last_feedback_id": int(rows["feedback_id"].max()) if len(rows) else "unchanged",
             "by_rating_and_model": dg.MetadataValue.md(
                 counts.to_markdown(index=False) if len(counts) else "no feedback yet"),

@@ -20,6 +20,8 @@
                                  corrections waiting for review: one by one, or decided by id
     llmops feedback purge [--id ID ...] [--key NAME] [--since T] [--until T] --reason TEXT
                                  delete feedback rows (each leaves an audit record, not its text)
+    llmops feedback purge-answers --until T --reason TEXT
+                                 delete logged answers (prompts, responses) and their ratings
 """
 
 from __future__ import annotations
@@ -396,6 +398,11 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     engine = _database().engine()
     actor = _actor(args)
     try:
+        if args.feedback_command == "purge-answers":
+            answers, ratings = review.purge_answers(engine, args.until, actor=actor, reason=args.reason)
+            print(f"deleted {answers} answers logged before {args.until:%Y-%m-%d %H:%M:%S} and purged "
+                  f"{len(ratings)} ratings of them")
+            return 0
         if args.feedback_command == "purge":
             which = review.PurgeFilter(ids=tuple(args.id or ()), key_name=args.key, since=args.since,
                                        until=args.until)
@@ -442,6 +449,11 @@ def _add_trust_parsers(commands) -> None:
     purge.add_argument("--until", type=timestamp, help="rows created before (ISO 8601)")
     purge.add_argument("--reason", type=utf8_text, required=True, help="why (kept in the audit log)")
     purge.add_argument("--by", type=utf8_text, help="who purges (default: $USER)")
+    answers = actions.add_parser("purge-answers",
+                                 help="delete answers (request_log) logged before a time, and their ratings")
+    answers.add_argument("--until", type=timestamp, required=True, help="answers logged before (ISO 8601)")
+    answers.add_argument("--reason", type=utf8_text, required=True, help="why (kept in the audit log)")
+    answers.add_argument("--by", type=utf8_text, help="who purges (default: $USER)")
 
 
 def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:

@@ -221,3 +221,29 @@ def test_bad_feedback_never_blocks_training_on_the_source_data(raw_and_feedback,
     accept_cancellations(engine, "C")
     blocking, feedback_check, metadata = validate(resources, instance)
     assert blocking.passed and feedback_check.passed and metadata["rows_from_feedback"] == 3
+
+
+def test_old_answers_are_deleted_with_their_ratings_by_command_and_retention(fresh_database, capsys):
+    """request_log keeps prompts: answers past their retention go, and their ratings with an
+    audit record each; newer answers stay."""
+    engine = fresh_database.engine()
+    old = rate(engine, prompt="my e-mail is old@example.com")
+    kept = rate(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "UPDATE request_log SET created_at = now() - interval '400 days' WHERE response_id = "
+            "(SELECT response_id FROM feedback WHERE id = :id)"), {"id": old})
+    curate(engine)
+    assert review.expire_answers(engine, retention_days=0) == (0, [])
+    assert review.expire_answers(engine, retention_days=365) == (1, [old])
+    with engine.connect() as connection:
+        prompts = connection.execute(sa.text("SELECT prompt FROM request_log")).scalars().all()
+        ratings = connection.execute(sa.text("SELECT id FROM feedback")).scalars().all()
+    assert prompts == ["Where is my order A1?"] and ratings == [kept]
+    assert review.audit_trail(engine, old)[0]["actor"] == "retention"
+
+    assert cli.main(["feedback", "purge-answers", "--until", "2999-01-01", "--reason", "wipe"]) == 0
+    assert "deleted 1 answers" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:  # argparse: one line naming --until, exit 2
+        cli.main(["feedback", "purge-answers", "--until", "yesterday", "--reason", "x"])
+    assert refused.value.code == 2 and "argument --until" in capsys.readouterr().err

@@ -114,9 +114,14 @@ class PurgeFilter:
     key_name: str | None = None  # rows sent with this API key
     since: datetime | None = None  # created at or after
     until: datetime | None = None  # created before
+    answered_until: datetime | None = None  # ratings of answers logged before this time
 
     def where(self) -> tuple[str, dict]:
         clauses, params = [], {}
+        if self.answered_until is not None:
+            clauses.append("f.response_id IN (SELECT response_id FROM request_log "
+                           "WHERE created_at < :answered_until)")
+            params["answered_until"] = self.answered_until
         if self.ids:
             clauses.append("f.id = ANY(:ids)")
             params["ids"] = list(self.ids)
@@ -164,3 +169,26 @@ def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) 
             {"now": now, "days": retention_days}).scalar_one()
     return purge(engine, PurgeFilter(until=cutoff), actor="retention",
                  reason=f"older than the {retention_days}-day retention (feedback_table.retention_days)")
+
+
+def purge_answers(engine: sa.Engine, until: datetime, actor: str, reason: str) -> tuple[int, list[int]]:
+    """Delete the answers logged before `until` (prompts and responses in request_log) and every
+    rating of them (purged as `purge` does, with audit records). Returns (answers deleted, rating
+    ids purged). A trace of a deleted answer then says it is not found."""
+    ratings = purge(engine, PurgeFilter(answered_until=until), actor=actor, reason=reason)
+    with engine.begin() as connection:
+        answers = connection.execute(sa.text("DELETE FROM request_log WHERE created_at < :until"),
+                                     {"until": until}).rowcount
+    return answers, ratings
+
+
+def expire_answers(engine: sa.Engine, retention_days: int) -> tuple[int, list[int]]:
+    """purge_answers of everything older than `retention_days` (0: keep forever), as 'retention'."""
+    if retention_days <= 0:
+        return 0, []
+    with engine.connect() as connection:
+        cutoff = connection.execute(sa.text("SELECT now() - make_interval(days => :days)"),
+                                    {"days": retention_days}).scalar_one()
+    return purge_answers(engine, cutoff, actor="retention",
+                         reason=f"answer older than the {retention_days}-day retention "
+                                "(feedback_table.answer_retention_days)")
