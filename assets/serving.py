@@ -9,6 +9,7 @@ from pydantic import Field
 from assets.governance import approved_model
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
+from llmops_dagster.loop import signals
 from llmops_dagster.serving.app import ServingConfig
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
@@ -81,7 +82,7 @@ def serving_deployment(
     config.check(ray_serve.http_host)
     engine = database.engine()
     if config.rollback_from:
-        restored = registry.rollback(engine, actor="rollback_guard", expected=config.rollback_from,
+        restored = registry.rollback(engine, actor=signals.GUARD, expected=config.rollback_from,
                                      reason=config.rollback_reason or "rollback run")
         context.log.info(f"registry: {restored.version} is production (rollback from "
                          f"{config.rollback_from} requested)")

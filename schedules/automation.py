@@ -19,7 +19,7 @@ from resources.loop_settings import LoopSettings
 from resources.serving import RayServeResource
 from schedules.jobs import RETRAIN_JOBS, SERVING_JOBS, deploy_job, retrain_job, rollback_job
 
-GUARD = "rollback_guard"  # the actor of automatic rollbacks in the registry's audit log
+GUARD = signals.GUARD
 RECONCILE_RETRY_S = 600  # a failed reconciling deploy is requested again after this long
 
 

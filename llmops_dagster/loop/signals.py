@@ -12,6 +12,8 @@ from llmops_dagster.loop.drift import DriftResult, drift_test
 from llmops_dagster.serving import traffic_log
 from llmops_dagster.serving.traffic_log import LiveRate
 
+GUARD = "rollback_guard"  # the actor of automatic rollbacks in the registry's audit log
+
 
 @dataclass(frozen=True)
 class DriftCheck:
