@@ -1,5 +1,6 @@
 """Serving stage: the production model behind HTTP on Ray Serve."""
 
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -7,6 +8,8 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from assets.governance import approved_model
+from llmops_dagster import secrets
+from llmops_dagster.database import redacted
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
 from llmops_dagster.loop import signals
@@ -25,16 +28,23 @@ class ServingDeploymentConfig(dg.Config):
     generate_rate_limit: str = declared(ServingConfig, "generate_rate_limit")
     feedback_rate_limit: str = declared(ServingConfig, "feedback_rate_limit")
     max_queued_requests: int = declared(ServingConfig, "max_queued_requests")
+    database_url_file: str = Field(default="", description="A file holding the database URL on every "
+                                   "Serve node (a mounted secret). Empty: a 0600 file the platform writes "
+                                   "under $LLMOPS_HOME/secrets, readable by a local head only.")
     rollback_from: str = Field(default="", description="Set by rollback_guard's `rollback` runs: "
                                "first roll the registry back from this version (nothing when it is "
                                "no longer production), then serve the version it restores.")
     rollback_reason: str = Field(default="", description="Why (kept in the registry's audit log).")
 
-    def check(self, http_host: str) -> None:
+    def check(self, http_host: str, on_cluster: bool = False) -> None:
         """Refuse settings that would expose the model: an open /v1/generate off loopback, or a
-        rate limit the `limits` library cannot read."""
+        rate limit the `limits` library cannot read; and on a cluster, a database URL file that
+        only this machine has."""
         from limits import parse
 
+        if on_cluster and not self.database_url_file:
+            raise dg.Failure("serving_deployment.database_url_file must name a file provisioned on "
+                             "every Serve node (a mounted secret) when Serve runs on a cluster (RAY_ADDRESS)")
         if not self.generate_requires_key and http_host not in LOOPBACK_HOSTS:
             raise dg.Failure(f"serving_deployment.generate_requires_key is false while Serve listens "
                              f"on {http_host} (RayServeResource.http_host): an open /v1/generate is "
@@ -49,6 +59,14 @@ class ServingDeploymentConfig(dg.Config):
 
 def serving_config(engine, version: registry.ModelVersion, database_url: str,
                    config: ServingDeploymentConfig) -> ServingConfig:
+    """What a replica needs for `version`: its merged model, the prompt template it learned, and
+    where to read its database URL (config.database_url_file, or a 0600 file written here)."""
+    url_file = config.database_url_file or str(secrets.serving_database_url_file(database_url))
+    return _serving_config(engine, version, url_file, redacted(database_url), config)
+
+
+def _serving_config(engine, version: registry.ModelVersion, database_url_file: str, database_name: str,
+                    config: ServingDeploymentConfig) -> ServingConfig:
     """What a replica needs for `version`: its merged model and the prompt template it learned."""
     with engine.connect() as connection:
         prompt_set = connection.execute(
@@ -59,7 +77,8 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
         model_version=version.version,
         model_path=version.merged_model_path,
         prompt_template=template,
-        database_url=database_url,
+        database_url_file=database_url_file,
+        database=database_name,
         lineage={"dataset_version": version.dataset_version,
                  "prompt_set_version": version.prompt_set_version,
                  "base_model_version": version.base_model_version},
@@ -79,7 +98,7 @@ def serving_deployment(
     database: PostgresResource, ray_serve: RayServeResource,
 ) -> dg.MaterializeResult:
     """The production model served over HTTP (Ray Serve, batched) with request and feedback logs."""
-    config.check(ray_serve.http_host)
+    config.check(ray_serve.http_host, on_cluster=bool(os.environ.get(ray_serve.address_env_var, "").strip()))
     engine = database.engine()
     if config.rollback_from:
         restored = registry.rollback(engine, actor=signals.GUARD, expected=config.rollback_from,

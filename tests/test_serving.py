@@ -56,3 +56,40 @@ def test_bad_input_gets_a_4xx_naming_the_field(served_model):
     status, body = post(f"{url}/v1/feedback", {"response_id": "00000000-0000-0000-0000-000000000000",
                                                "rating": 1})
     assert status == 404 and "was never served" in body["detail"]
+
+
+def test_no_database_password_reaches_rays_gcs(served_model, monkeypatch, llmops_home):
+    """With a password in the database URL, the replicas still connect (they read it from a 0600
+    file), and no key or value in Ray's GCS key-value store holds it, while the deployment's other
+    constructor arguments (the URL file's path) are there: the scan sees what Serve stores."""
+    import os
+    import stat
+    import uuid
+    from pathlib import Path
+
+    import dagster as dg
+    from ray.experimental import internal_kv
+
+    from assets.serving import serving_deployment
+    from tests.conftest import UNLIMITED
+
+    secret = f"S3cretPW{uuid.uuid4().hex[:8]}"
+    url = os.environ["LLMOPS_DATABASE_URL"]
+    assert "postgres:@" in url  # trust authentication: a password is accepted and ignored
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", url.replace("postgres:@", f"postgres:{secret}@", 1))
+    result = dg.materialize([serving_deployment], resources=served_model["resources"],
+                            instance=served_model["instance"],
+                            run_config={"ops": {"serving_deployment": {"config": UNLIMITED}}})
+    assert result.success
+    status, answer = post(f"{served_model['url']}/v1/generate", {"prompt": "Where is my order A1?"})
+    assert status == 200  # the replica connected with the URL from its file
+
+    url_file = Path(llmops_home) / "secrets" / "serving-database-url"
+    assert stat.S_IMODE(url_file.stat().st_mode) == 0o600 and secret in url_file.read_text()
+    holding, seen_path = [], False
+    for namespace in (None, "serve", "llmops"):
+        for key in internal_kv._internal_kv_list("", namespace=namespace):
+            value = internal_kv._internal_kv_get(key, namespace=namespace) or b""
+            holding += [key] if secret.encode() in key + value else []
+            seen_path = seen_path or str(url_file).encode() in value
+    assert seen_path and holding == []

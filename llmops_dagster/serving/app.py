@@ -141,7 +141,10 @@ class ServingConfig:
     model_version: str
     model_path: str  # merged Hugging Face folder
     prompt_template: str  # Jinja text the model was trained with; variable: prompt
-    database_url: str
+    # The database URL is a secret: a replica reads it from this file (0600, or a secret mounted on
+    # every node), never from its constructor arguments, which Ray keeps in its GCS.
+    database_url_file: str
+    database: str  # the database named without its password (user@host:port/db), for the digest
     lineage: dict  # dataset / prompt-set / base-model versions
     max_batch_size: int = field(default=8, metadata={"help": "Requests per @serve.batch call."})
     batch_wait_timeout_s: float = field(default=0.005, metadata={
@@ -161,15 +164,11 @@ class ServingConfig:
         "with Retry-After (Serve's backpressure), never unbounded waiting."})
 
     def digest(self) -> str:
-        """A short hash of everything a replica serves with, the database named without its
-        password: equal digests mean redeploying would change nothing."""
+        """A short hash of everything a replica serves with (the database by name, not its
+        password): equal digests mean redeploying would change nothing."""
         import hashlib
-        from urllib.parse import urlsplit
 
-        database = urlsplit(self.database_url)
-        settings = {k: v for k, v in asdict(self).items() if k != "database_url"}
-        settings["database"] = f"{database.username}@{database.hostname}:{database.port}{database.path}"
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")
@@ -184,6 +183,17 @@ async def _refuse(request, error: RequestValidationError) -> Response:
                "msg": str(e.get("msg"))} for e in error.errors()]
     return Response(json.dumps({"detail": detail}, ensure_ascii=True), status_code=422,
                     media_type="application/json")
+
+
+def _read_database_url(path: str) -> str:
+    """The database URL from the replica's secret file; a clear error naming it when missing."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise RuntimeError(f"the serving database URL file {path} cannot be read ({error.strerror}): "
+                           "set serving_deployment.database_url_file to a file on every Serve node") from None
 
 
 def storable_answer(text: str) -> str:
@@ -235,7 +245,8 @@ class ModelServer:
         # pre_ping: after a database restart, a pooled connection is tested and replaced at
         # checkout (one short round trip) instead of failing the request that drew it.
         # connect_timeout (s): a database that cannot be reached fails fast (503), never hangs.
-        self.engine = sa.create_engine(self.config.database_url, pool_size=4, pool_recycle=300,
+        self.engine = sa.create_engine(_read_database_url(self.config.database_url_file),
+                                       pool_size=4, pool_recycle=300,
                                        pool_pre_ping=True, connect_args={"connect_timeout": 2})
         self.token_secret = credentials.signing_secret(self.engine)
         self.rate_limits = RateLimits({"generate": self.config.generate_rate_limit,
