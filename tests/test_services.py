@@ -109,14 +109,15 @@ def test_serve_stop_without_a_head(tmp_path):
     assert result.stdout.strip() == "no local Ray head was running"
 
 
-def test_the_local_ray_head_keeps_its_folder_and_token_private(ray_serve, tmp_path):
+def test_the_local_ray_head_keeps_its_folder_and_token_private(ray_serve, tmp_path, monkeypatch):
     """The folder around the head's temp folder is 0700 and this user's; its token file 0600; a
     folder that is a link (or another user's) is refused, one open to others is closed."""
     import stat
 
     from llmops_dagster.serving import ray_cluster
 
-    ray_serve.address()  # the session's head, started when it is not running
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", "postgresql://app:S3cretPW@db.example/llmops")
+    ray_serve.address()  # the session's head, started when it is not running (with that URL set)
     folder = ray_serve.local_temp_dir().parent  # Ray's own folder inside is 0777, by Ray
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and folder.stat().st_uid == os.getuid()
     token = Path.home() / ".ray" / "auth_token"
@@ -125,6 +126,14 @@ def test_the_local_ray_head_keeps_its_folder_and_token_private(ray_serve, tmp_pa
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     assert stat.S_IMODE(ray_cluster.private_folder(shared).stat().st_mode) == 0o700
+    # The head's processes did not inherit our database URL (or anything not on the list).
+    from llmops_dagster.serving.ray_cluster import local_head_processes
+
+    environments = []
+    for process in local_head_processes(ray_serve.local_temp_dir(), ray_serve.local_port):
+        with contextlib.suppress(psutil.Error):
+            environments.append(process.environ())
+    assert environments and not [e for e in environments if "LLMOPS_DATABASE_URL" in e]
     link = tmp_path / "link"
     link.symlink_to(shared)
     with pytest.raises(ray_cluster.UnsafeFolderError, match="refusing"):

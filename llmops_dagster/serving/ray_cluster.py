@@ -16,9 +16,21 @@ LOCAL_PORT = 6390  # GCS port of the local head
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 
 
+# What the Ray processes may inherit from ours: the head and every worker it starts keep their
+# environment for life, so nothing else (database URLs, cloud keys, tokens) is passed on.
+INHERITED_ENV = ("PATH", "HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "TZ", "HF_HUB_OFFLINE",
+                 "HF_HOME", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "LLMOPS_HOME")
+
+
+def clean_environment() -> dict[str, str]:
+    """The environment `ray` commands run with: INHERITED_ENV, Ray's own RAY_* settings, token auth."""
+    kept = {k: v for k, v in os.environ.items() if k in INHERITED_ENV or k.startswith("RAY_")}
+    return {**kept, **AUTH_ENV}
+
+
 def _ray(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "ray"), *args]
-    return subprocess.run(command, env={**os.environ, **AUTH_ENV, **(env or {})}, check=check,
+    return subprocess.run(command, env={**clean_environment(), **(env or {})}, check=check,
                           capture_output=True, text=True)
 
 
