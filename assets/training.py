@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.prompts import prompt_set
+from llmops_dagster.instance import TRAINER_POOL
 from llmops_dagster.lineage import lineage_metadata, stage_definition, upstream_metadata
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
 from llmops_dagster.settings import declared
@@ -107,9 +108,9 @@ class FinetuneConfig(dg.Config):
         )
 
 
-# pool "trainer": one fine-tune at a time on an instance (dagster.yaml gives a pool one slot).
+# One fine-tune at a time on an instance: `llmops` gives this pool one slot (instance.py).
 @dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"},
-          pool="trainer")
+          pool=TRAINER_POOL)
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,

@@ -8,12 +8,17 @@ the platform's own server (embedded or by LLMOPS_DATABASE_URL).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from llmops_dagster import database
 from llmops_dagster.settings import dagster_home
 
 DAGSTER_URL_ENV = "LLMOPS_DAGSTER_DATABASE_URL"
+# The pool of finetuned_checkpoint: one fine-tune at a time on an instance.
+TRAINER_POOL = "trainer"
 
 DAGSTER_YAML = f"""\
 # Written by `llmops`: Dagster's run, event-log and schedule storage in PostgreSQL.
@@ -24,9 +29,9 @@ storage:
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
-# Two runs at a time. One fine-tune at a time: finetuned_checkpoint is in pool "trainer", and an
-# unconfigured pool gets one slot; a second run waits at that step instead of training into the
-# same folder.
+# Two runs at a time. One fine-tune at a time: finetuned_checkpoint is in pool "trainer", which
+# `llmops` gives one slot (any other pool gets one by default); a second run waits at that step
+# instead of training into the same folder.
 concurrency:
   runs:
     max_concurrent_runs: 2
@@ -49,8 +54,42 @@ def dagster_database_url(admin_url: str) -> str:
     return database.ensure_database(admin_url, database.DAGSTER_DATABASE)
 
 
+@contextmanager
+def _environment(values: dict[str, str]):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def configure_trainer_pool(instance) -> None:
+    """Give pool "trainer" its one slot before any run reaches it, unless a person set a limit.
+
+    Left to the default limit, Dagster creates a pool's limit row when the first step claims it,
+    and several runs reaching a new pool at once race: the losers' INSERT fails inside a
+    transaction that PostgreSQL then aborts, so their UPDATE fails too and the step fails (1 of 4
+    simultaneous fine-tunes, seen in CI). A limit set here is never created on first use.
+    """
+    storage = instance.event_log_storage
+    if TRAINER_POOL in {limit.name for limit in storage.get_pool_limits()}:
+        return
+    try:
+        storage.set_concurrency_slots(TRAINER_POOL, 1)
+    except sa.exc.IntegrityError:  # set by a process preparing the same instance at this moment
+        pass
+
+
 def prepare_dagster_home(admin_url: str) -> dict[str, str]:
-    """Write dagster.yaml when missing; return the environment that the Dagster processes need."""
+    """Write dagster.yaml when missing and give the trainer pool its slot; return the environment
+    that the Dagster processes need."""
+    import dagster as dg
+
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     config = Path(home) / "dagster.yaml"
@@ -58,4 +97,7 @@ def prepare_dagster_home(admin_url: str) -> dict[str, str]:
     if not config.exists() or (config.read_text().startswith(WRITTEN_BY_LLMOPS)
                                and config.read_text() != DAGSTER_YAML):
         config.write_text(DAGSTER_YAML)
-    return {"DAGSTER_HOME": str(home), DAGSTER_URL_ENV: dagster_database_url(admin_url)}
+    environment = {"DAGSTER_HOME": str(home), DAGSTER_URL_ENV: dagster_database_url(admin_url)}
+    with _environment(environment), dg.DagsterInstance.from_config(str(home)) as instance:
+        configure_trainer_pool(instance)
+    return environment

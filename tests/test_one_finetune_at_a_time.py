@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from llmops_dagster import database
+from llmops_dagster.instance import TRAINER_POOL
 
 RUNS = 4
 SMALL = {"ops": {"finetuned_checkpoint": {"config": {"max_steps": 20, "checkpoint_every": 10}}}}
@@ -46,6 +47,39 @@ def _finetune(environment: dict, artifacts: str, results) -> None:
         results.put((result.run_id, result.success))
 
 
+def test_a_trainer_pool_limit_a_person_set_is_kept(fresh_database, tmp_path, monkeypatch):
+    from llmops_dagster.instance import prepare_dagster_home
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
+        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))
+    environment = prepare_dagster_home(fresh_database.admin_url())
+    with dg.DagsterInstance.get() as instance:
+        instance.event_log_storage.set_concurrency_slots(TRAINER_POOL, 2)  # two GPUs, say
+    assert prepare_dagster_home(fresh_database.admin_url()) == environment
+    with dg.DagsterInstance.get() as instance:
+        limits = {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()}
+    assert limits[TRAINER_POOL] == 2
+
+
+def _failures(outcomes: list) -> list[str]:
+    """The error each failed run recorded, so a failure here says why, not only that."""
+    errors = []
+    with dg.DagsterInstance.get() as instance:
+        for run_id, success in outcomes:
+            if success:
+                continue
+            for record in instance.get_records_for_run(run_id).records:
+                event = record.event_log_entry.dagster_event
+                if event is not None and event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE",
+                                                                    "ENGINE_EVENT"):
+                    data = event.event_specific_data
+                    error = getattr(data, "error", None)
+                    if error is not None:
+                        errors.append(f"{run_id} {event.step_key}: {error.to_string()}")
+    return errors
+
+
 def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, tmp_path, monkeypatch):
     from assets.dataset import raw_examples, validated_dataset
     from assets.prompts import prompt_set
@@ -60,6 +94,9 @@ def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, tmp_path, 
     artifacts = str(tmp_path / "artifacts")
     with dg.DagsterInstance.get() as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        # Set before any run: created on first use, simultaneous first claims race (instance.py).
+        [trainer] = [p for p in instance.event_log_storage.get_pool_limits() if p.name == TRAINER_POOL]
+        assert (trainer.limit, trainer.from_default) == (1, False)
         assert dg.materialize(
             [raw_examples, validated_dataset, prompt_set, base_model], resources=_resources(artifacts),
             instance=instance, run_config={"ops": {"raw_examples": {"config": {"synthetic_rows": 300}}}},
@@ -74,7 +111,7 @@ def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, tmp_path, 
     for process in processes:
         process.join(timeout=900)
     outcomes = [results.get(timeout=5) for _ in range(RUNS)]
-    assert all(success for _, success in outcomes), outcomes
+    assert all(success for _, success in outcomes), (outcomes, _failures(outcomes))
 
     spans = []
     with dg.DagsterInstance.get() as instance:
