@@ -13,6 +13,7 @@ from llmops_dagster.database import redacted
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
 from llmops_dagster.loop import signals
+from llmops_dagster.serving import credentials
 from llmops_dagster.serving.app import ServingConfig
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
@@ -108,7 +109,9 @@ def serving_deployment(
     version = registry.production(engine)
     if version is None:
         raise dg.Failure("no model version is in production: materialize approved_model first")
-    wanted = ray_serve.with_replicas(serving_config(engine, version, database.url(), config))
+    credentials.signing_secret(engine)  # made here: the replicas' role may only read it
+    # The replicas connect as the serving role: log answers and ratings, nothing else.
+    wanted = ray_serve.with_replicas(serving_config(engine, version, database.serving_url(), config))
     served = ray_serve.served() or {}
     unchanged = (served.get("model_version"), served.get("config_digest")) == (
         wanted.model_version, wanted.digest())

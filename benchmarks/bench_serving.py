@@ -53,6 +53,7 @@ def materialize_approved(home: Path) -> tuple[dict, object]:
     from assets.training import base_model, finetuned_checkpoint
     from llmops_dagster.definitions import defs
     from llmops_dagster.governance import registry
+    from llmops_dagster.serving import credentials
     from resources.serving import RayServeResource
 
     resources = {**defs.resources,
@@ -75,7 +76,8 @@ def materialize_approved(home: Path) -> tuple[dict, object]:
     version = registry.production(engine)
     if version is None:
         raise RuntimeError("approved_model left no version in production")
-    return resources, serving_config(engine, version, database.url(), ServingDeploymentConfig(
+    credentials.signing_secret(engine)  # as serving_deployment does: the replicas' role only reads it
+    return resources, serving_config(engine, version, database.serving_url(), ServingDeploymentConfig(
         # Every request comes from 127.0.0.1: a limit far above the load keeps the limiter's own
         # cost in the measured path without refusing anything.
         generate_rate_limit="1000000/minute"))

@@ -47,13 +47,19 @@ def _database():
 def _prepare_instance_env() -> dict[str, str]:
     from llmops_dagster.instance import prepare_dagster_home
 
-    env = prepare_dagster_home(_database().admin_url())
+    env = prepare_dagster_home(_database())
     os.environ.update(env)
     return env
 
 
 def cmd_env(_: argparse.Namespace) -> int:
+    from llmops_dagster.database import redacted
+
     for name, value in _prepare_instance_env().items():
+        if redacted(value) != value:  # a URL with a password (a server of your own): never printed
+            print(f"# {name} is not printed: its URL holds a password. Export it yourself, or put "
+                  "the password in a libpq password file (?passfile=) instead of the URL", file=sys.stderr)
+            continue
         print(f"export {name}={shlex.quote(value)}")
     return 0
 

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 
+from llmops_dagster import database_roles, embedded_auth
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 PLATFORM_DATABASE = "llmops"
 DAGSTER_DATABASE = "dagster"
@@ -70,15 +72,21 @@ def _embedded_server(data_dir: Path):
     return server
 
 
-def embedded_server_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded server in `data_dir`; return its admin URL for psycopg2.
+def embedded_server_url(data_dir: Path, role: str = embedded_auth.SUPERUSER,
+                        database: str = "postgres") -> str:
+    """Start (or reuse) the embedded server in `data_dir`, secured with passwords on first start
+    (embedded_auth.py); return a psycopg2 URL for `role` on `database` (the superuser on the
+    maintenance database by default: it creates databases and roles, stores nothing).
 
     The socket may live under the runtime folder when `data_dir` is a long path, so the URL
     always comes from the server, never from the folder name.
     """
+    data_dir = Path(data_dir).resolve()
     with _lock:
-        server = _embedded_server(Path(data_dir).resolve())
-        return sqlalchemy_url(server.get_uri(), setting="embedded server")
+        server = _embedded_server(data_dir)
+        socket_dir = server.get_postmaster_info().socket_dir
+        embedded_auth.ensure_passwords(data_dir, socket_dir)
+        return embedded_auth.role_url(socket_dir, data_dir, role, database)
 
 
 def stop_embedded_server(data_dir: Path) -> bool:
@@ -101,23 +109,68 @@ def _running_as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def ensure_database(admin_url: str, name: str) -> str:
-    """Create database `name` on the server when it is missing; return its URL."""
+def ensure_database(admin_url: str, name: str, owner: str | None = None,
+                    extensions: tuple[str, ...] = ()) -> str:
+    """Create database `name` on the server when it is missing (owned by `owner` when given, with
+    `extensions` created by the admin: pgvector is not a trusted extension); return its URL.
+
+    A database made before it had an owner role (an older embedded server) is handed to `owner`
+    with everything in it."""
     engine = sa.create_engine(with_database(admin_url, "postgres"), isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as connection:
-            exists = connection.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name}
-            ).scalar()
-            if not exists:
+            current = connection.execute(
+                sa.text("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = :name"),
+                {"name": name}).scalar()
+            if current is None:
                 try:
-                    connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+                    connection.execute(sa.text(f'CREATE DATABASE "{name}"'
+                                               + (f' OWNER "{owner}"' if owner else "")))
                 except sa.exc.ProgrammingError as error:  # created by a concurrent process
                     if "already exists" not in str(error):
                         raise
+            elif owner and current != owner:
+                _hand_over(with_database(admin_url, name), owner)
+                connection.execute(sa.text(f'ALTER DATABASE "{name}" OWNER TO "{owner}"'))
     finally:
         engine.dispose()
-    return with_database(admin_url, name)
+    url = with_database(admin_url, name)
+    if extensions:
+        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                for extension in extensions:
+                    connection.execute(sa.text(f'CREATE EXTENSION IF NOT EXISTS "{extension}"'))
+        finally:
+            engine.dispose()
+    return url
+
+
+def _hand_over(url: str, owner: str) -> None:
+    """Make `owner` the owner of every table, view, sequence and function in the public schema of
+    the database at `url` (tables first: a table's own sequences move with it)."""
+    kinds = {"r": "TABLE", "p": "TABLE", "v": "VIEW", "m": "MATERIALIZED VIEW", "S": "SEQUENCE"}
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for relkinds in (("r", "p", "v", "m"), ("S",)):
+                rows = connection.execute(sa.text(
+                    "SELECT c.relname, c.relkind FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = 'public' AND c.relkind = ANY(:kinds) "
+                    "AND pg_get_userbyid(c.relowner) <> :owner"), {"kinds": list(relkinds), "owner": owner})
+                for relname, relkind in rows.all():
+                    connection.execute(
+                        sa.text(f'ALTER {kinds[relkind]} public."{relname}" OWNER TO "{owner}"'))
+            functions = connection.execute(sa.text(
+                "SELECT p.oid::regprocedure::text FROM pg_proc p "
+                "JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> :owner AND NOT EXISTS "
+                "(SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')"), {"owner": owner})
+            for signature in functions.scalars().all():
+                connection.execute(sa.text(f"ALTER FUNCTION {signature} OWNER TO \"{owner}\""))
+    finally:
+        engine.dispose()
 
 
 def migrate(url: str) -> None:
@@ -135,12 +188,21 @@ def migrate(url: str) -> None:
             connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+            database_roles.grant_privileges(connection)
+    except sa.exc.ProgrammingError as error:
+        if getattr(error.orig, "pgcode", None) not in ("42501",):  # insufficient_privilege
+            raise
+        user = sa.engine.make_url(url).username
+        raise DatabaseConfigError(
+            f"role {user!r} may not change the platform's schema ({str(error.orig).splitlines()[0]}): "
+            "set LLMOPS_DATABASE_OWNER_URL to the URL of the role that owns the tables") from None
     finally:
         engine.dispose()
 
 
 @cache
-def platform_engine(url: str) -> sa.Engine:
-    """One migrated engine per URL and process."""
-    migrate(url)
+def platform_engine(url: str, owner_url: str | None = None) -> sa.Engine:
+    """One engine per URL and process, on a database migrated (by `owner_url`, the owner role,
+    when given: the role of `url` may not change the schema)."""
+    migrate(owner_url or url)
     return sa.create_engine(url, pool_pre_ping=True)

@@ -47,11 +47,13 @@ telemetry:
 WRITTEN_BY_LLMOPS = DAGSTER_YAML.splitlines()[0]
 
 
-def dagster_database_url(admin_url: str) -> str:
+def dagster_database_url(postgres) -> str:
+    """LLMOPS_DAGSTER_DATABASE_URL when set, else the `dagster` database of the platform's server
+    (`postgres`, a PostgresResource)."""
     configured = os.environ.get(DAGSTER_URL_ENV, "").strip()
     if configured:
         return database.sqlalchemy_url(configured, setting=DAGSTER_URL_ENV)
-    return database.ensure_database(admin_url, database.DAGSTER_DATABASE)
+    return postgres.dagster_url()
 
 
 @contextmanager
@@ -85,7 +87,7 @@ def configure_trainer_pool(instance) -> None:
         pass
 
 
-def prepare_dagster_home(admin_url: str) -> dict[str, str]:
+def prepare_dagster_home(postgres) -> dict[str, str]:
     """Write dagster.yaml when missing and give the trainer pool its slot; return the environment
     that the Dagster processes need."""
     import dagster as dg
@@ -97,7 +99,7 @@ def prepare_dagster_home(admin_url: str) -> dict[str, str]:
     if not config.exists() or (config.read_text().startswith(WRITTEN_BY_LLMOPS)
                                and config.read_text() != DAGSTER_YAML):
         config.write_text(DAGSTER_YAML)
-    environment = {"DAGSTER_HOME": str(home), DAGSTER_URL_ENV: dagster_database_url(admin_url)}
+    environment = {"DAGSTER_HOME": str(home), DAGSTER_URL_ENV: dagster_database_url(postgres)}
     with _environment(environment), dg.DagsterInstance.from_config(str(home)) as instance:
         configure_trainer_pool(instance)
     return environment

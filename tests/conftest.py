@@ -51,35 +51,67 @@ def platform_db(llmops_home):
     tests that write take `fresh_database`)."""
     from resources.database import PostgresResource
 
-    resource = PostgresResource()
+    # Its own variable, never set: the session's embedded server whatever a test sets
+    # LLMOPS_DATABASE_URL to (admin_url() is the server's superuser).
+    resource = PostgresResource(url_env_var="LLMOPS_TEST_SESSION_DATABASE_URL")
     resource.engine()
     return resource
 
 
-def _new_database_url(platform_db, prefix: str, template: str | None = None) -> str:
-    """A new database on the session's server (a copy of `template` when given); its URL."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def new_database(platform_db, name: str, template: str | None = None) -> dict[str, str]:
+    """A new platform database `name` on the session's server (a copy of `template` when given),
+    owned by the owner role as the embedded default's is; the environment naming it, one URL a
+    role."""
+    from llmops_dagster.database_roles import APP, OWNER, SERVING
+
     if template is None:
-        return database.ensure_database(platform_db.admin_url(), name)
-    admin = sa.create_engine(database.with_database(platform_db.admin_url(), "postgres"),
-                             isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:  # a file-level copy: about 0.1 s, whatever it holds
-            connection.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    finally:
-        admin.dispose()
-    return database.with_database(platform_db.admin_url(), name)
+        database.ensure_database(platform_db.admin_url(), name, owner=OWNER, extensions=("vector",))
+    else:
+        admin = sa.create_engine(database.with_database(platform_db.admin_url(), "postgres"),
+                                 isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:  # a file-level copy: about 0.1 s, whatever it holds
+                connection.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}" OWNER {OWNER}'))
+        finally:
+            admin.dispose()
+    data_dir = platform_db._data_dir()
+    return {variable: database.embedded_server_url(data_dir, role, name)
+            for variable, role in (("LLMOPS_DATABASE_URL", APP), ("LLMOPS_DATABASE_OWNER_URL", OWNER),
+                                   ("LLMOPS_SERVING_DATABASE_URL", SERVING))}
+
+
+def use_database(monkeypatch, environment: dict[str, str]) -> None:
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture
 def fresh_database(platform_db, monkeypatch):
-    """A migrated database of this test's own; PostgresResource() in this test points at it."""
+    """A migrated database of this test's own; PostgresResource() in this test points at it, as
+    the application role (owner and serving roles by their own URLs)."""
     from resources.database import PostgresResource
 
-    monkeypatch.setenv("LLMOPS_DATABASE_URL", _new_database_url(platform_db, "t"))
+    use_database(monkeypatch, new_database(platform_db, unique("t")))
     resource = PostgresResource()
     resource.engine()
     return resource
+
+
+@pytest.fixture
+def dagster_database(platform_db, monkeypatch):
+    """A Dagster storage database of this test's own, owned by the application role as the
+    embedded default's is; LLMOPS_DAGSTER_DATABASE_URL names it."""
+    from llmops_dagster.database_roles import APP
+
+    name = unique("dagster")
+    database.ensure_database(platform_db.admin_url(), name, owner=APP)
+    url = database.embedded_server_url(platform_db._data_dir(), APP, name)
+    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", url)
+    return url
 
 
 @pytest.fixture
@@ -143,12 +175,13 @@ def served_template(platform_db, llmops_home):
     from resources.embedder import EmbedderResource
     from resources.trainer import TrainerResource
 
-    url = database.ensure_database(platform_db.admin_url(), SERVED_TEMPLATE_DATABASE)
+    environment = new_database(platform_db, SERVED_TEMPLATE_DATABASE)
     dagster_home = llmops_home / "served-template-dagster"  # its runs, copied by tests that need them
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with pytest.MonkeyPatch.context() as patch, dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        patch.setenv("LLMOPS_DATABASE_URL", url)
+        for name, value in environment.items():
+            patch.setenv(name, value)
         resources = {
             "database": PostgresResource(),
             "artifacts": ArtifactStore(root=str(llmops_home / "served-artifacts")),
@@ -163,7 +196,7 @@ def served_template(platform_db, llmops_home):
         )
         assert result.success
         version = registry.production(resources["database"].engine()).version
-    database.platform_engine(url).dispose()  # a template database must have no open connection
+        resources["database"].engine().dispose()  # a template database must have no open connection
     return {"version": version, "dagster_home": dagster_home}
 
 
@@ -197,8 +230,8 @@ def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tm
     from resources.embedder import EmbedderResource
     from resources.trainer import TrainerResource
 
-    monkeypatch.setenv("LLMOPS_DATABASE_URL",
-                       _new_database_url(platform_db, "served", template=SERVED_TEMPLATE_DATABASE))
+    use_database(monkeypatch, new_database(platform_db, unique("served"),
+                                             template=SERVED_TEMPLATE_DATABASE))
     resources = {
         "database": PostgresResource(),
         "artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),

@@ -61,8 +61,8 @@ def test_trace_finds_a_response_by_its_id_in_any_case(fresh_database, capsys):
     assert "model version 'v-missing' in the registry not found" in capsys.readouterr().err
 
 
-def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_database, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_database, dagster_database,
+                                                                     tmp_path, monkeypatch, capsys):
     """A production version that nothing serves (no Ray Serve on a free port): status says they
     disagree and exits 1; a queued rollback run is listed."""
     import dagster as dg
@@ -80,10 +80,6 @@ def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_databa
                                 merged_model_path="-", train_config={}, eval_report_id=None)
     registry.promote(engine, "v1", actor="policy", reason="passed")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    from llmops_dagster import database
-
-    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
-        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))  # this test's own runs
     cli._prepare_instance_env()
     with dg.DagsterInstance.get() as instance:
         instance.create_run_for_job(job_def=defs.resolve_job_def("rollback"),
@@ -95,16 +91,38 @@ def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_databa
     assert "rollback NOT_STARTED (trigger rollback_guard)" in out and "agreement     NO" in out
 
 
-def test_database_urls_are_printed_without_their_password(fresh_database, monkeypatch, capsys):
-    from llmops_dagster import database
+def test_database_urls_are_printed_without_their_password(fresh_database, dagster_database, tmp_path,
+                                                         monkeypatch, capsys):
+    """Every command, with the real password in each URL (as a server of your own would be
+    configured): the password is in no line it prints, on stdout or stderr."""
+    from llmops_dagster import database, embedded_auth
+    from llmops_dagster.database_roles import APP, OWNER
 
     assert database.redacted("postgresql://app:S3cretPW@db.example:5432/llmops") == \
         "postgresql://app:***@db.example:5432/llmops"
     assert database.redacted("postgresql://app@db/llmops") == "postgresql://app@db/llmops"
-    url = fresh_database.url()
-    parts = url.split("://", 1)
-    user_host = parts[1].split("@", 1)
-    with_password = f"{parts[0]}://{user_host[0]}:S3cretPW@{user_host[1]}" if "@" in parts[1] else url
-    monkeypatch.setenv("LLMOPS_DATABASE_URL", with_password)
-    cli.main(["db", "url"])
-    assert "S3cretPW" not in capsys.readouterr().out
+    data_dir = fresh_database._data_dir().resolve()
+
+    def with_password(variable: str, role: str) -> str:
+        url = sa.engine.make_url(os.environ[variable])
+        password = embedded_auth.passfile(data_dir, role).read_text().split(":")[4].strip()
+        monkeypatch.setenv(variable, url.set(password=password, query={"host": url.query["host"]})
+                           .render_as_string(hide_password=False))
+        return password
+
+    passwords = [with_password("LLMOPS_DATABASE_URL", APP), with_password("LLMOPS_DATABASE_OWNER_URL", OWNER),
+                 with_password("LLMOPS_DAGSTER_DATABASE_URL", APP)]
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setattr("resources.serving.RayServeResource.url", lambda self: "http://127.0.0.1:9")
+    commands = [["env"], ["db", "url"], ["db", "start"], ["status"], ["quarantine"], ["models", "list"],
+                ["models", "show", "nope"], ["trace", str(uuid.uuid4())], ["keys", "list"],
+                ["keys", "create", "k1", "--role", "rater"], ["feedback", "review", "--accept", "1"],
+                ["feedback", "purge", "--id", "1", "--reason", "test"], ["run", "--job", "nope"]]
+    for argv in commands:
+        try:
+            cli.main(argv)
+        except SystemExit:
+            pass
+        out, err = capsys.readouterr()
+        leaked = [p for p in passwords if p in out or p in err]
+        assert not leaked, (argv, out[-500:], err[-500:])

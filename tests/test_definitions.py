@@ -61,7 +61,7 @@ def graphql(port: int, query: str) -> dict:
 
 
 def test_workspace_loads_in_the_webserver(platform_db):
-    env = {**os.environ, **prepare_dagster_home(platform_db.admin_url())}
+    env = {**os.environ, **prepare_dagster_home(platform_db)}
     port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-webserver"), "-w", "workspace.yaml",

@@ -107,12 +107,17 @@ def kill_postgres(data_dir: Path) -> None:
 
 @pytest.fixture
 def own_postgres():
-    """A PostgreSQL server of this test's own (short path: its socket lives in it), migrated."""
+    """A PostgreSQL server of this test's own (short path: its socket lives in it), migrated, with
+    its roles and the feedback-token secret; yields its data folder and the serving role's URL."""
+    from llmops_dagster.serving import credentials
+    from resources.database import PostgresResource
+
     data_dir = Path(tempfile.mkdtemp(prefix="pgf-"))
-    url = database.ensure_database(database.embedded_server_url(data_dir), "faults")
-    database.migrate(url)
-    yield data_dir, url
-    database.stop_embedded_server(data_dir)
+    own = PostgresResource(url_env_var="LLMOPS_FAULTS_UNSET_URL", embedded_data_dir=str(data_dir / "pg"))
+    credentials.signing_secret(own.engine())
+    own.engine().dispose()
+    yield data_dir / "pg", own.serving_url()
+    database.stop_embedded_server(data_dir / "pg")
 
 
 def test_postgres_killed_under_load_loses_no_acknowledged_rating(platform_db, served_template,

@@ -12,12 +12,10 @@ under tmp_path, DeepSpeed ranks on this machine.
 
 import multiprocessing
 import os
-import uuid
 from pathlib import Path
 
 import dagster as dg
 
-from llmops_dagster import database
 from llmops_dagster.instance import TRAINER_POOL
 
 RUNS = 4
@@ -47,16 +45,15 @@ def _finetune(environment: dict, artifacts: str, results) -> None:
         results.put((result.run_id, result.success))
 
 
-def test_a_trainer_pool_limit_a_person_set_is_kept(fresh_database, tmp_path, monkeypatch):
+def test_a_trainer_pool_limit_a_person_set_is_kept(fresh_database, dagster_database, tmp_path,
+                                                   monkeypatch):
     from llmops_dagster.instance import prepare_dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
-        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))
-    environment = prepare_dagster_home(fresh_database.admin_url())
+    environment = prepare_dagster_home(fresh_database)
     with dg.DagsterInstance.get() as instance:
         instance.event_log_storage.set_concurrency_slots(TRAINER_POOL, 2)  # two GPUs, say
-    assert prepare_dagster_home(fresh_database.admin_url()) == environment
+    assert prepare_dagster_home(fresh_database) == environment
     with dg.DagsterInstance.get() as instance:
         limits = {p.name: p.limit for p in instance.event_log_storage.get_pool_limits()}
     assert limits[TRAINER_POOL] == 2
@@ -80,17 +77,17 @@ def _failures(outcomes: list) -> list[str]:
     return errors
 
 
-def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, tmp_path, monkeypatch):
+def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, dagster_database, tmp_path,
+                                                      monkeypatch):
     from assets.dataset import raw_examples, validated_dataset
     from assets.prompts import prompt_set
     from assets.training import base_model
     from llmops_dagster.instance import prepare_dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("LLMOPS_DAGSTER_DATABASE_URL", database.ensure_database(
-        fresh_database.admin_url(), f"dagster_{uuid.uuid4().hex[:10]}"))
-    environment = prepare_dagster_home(fresh_database.admin_url())
-    environment["LLMOPS_DATABASE_URL"] = os.environ["LLMOPS_DATABASE_URL"]
+    environment = prepare_dagster_home(fresh_database)
+    environment.update({name: os.environ[name] for name in
+                        ("LLMOPS_DATABASE_URL", "LLMOPS_DATABASE_OWNER_URL", "LLMOPS_SERVING_DATABASE_URL")})
     artifacts = str(tmp_path / "artifacts")
     with dg.DagsterInstance.get() as instance:
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 1

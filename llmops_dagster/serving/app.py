@@ -248,7 +248,7 @@ class ModelServer:
         self.engine = sa.create_engine(_read_database_url(self.config.database_url_file),
                                        pool_size=4, pool_recycle=300,
                                        pool_pre_ping=True, connect_args={"connect_timeout": 2})
-        self.token_secret = credentials.signing_secret(self.engine)
+        self.token_secret = credentials.read_signing_secret(self.engine)
         self.rate_limits = RateLimits({"generate": self.config.generate_rate_limit,
                                        "feedback": self.config.feedback_rate_limit,
                                        "reviews": self.config.feedback_rate_limit})

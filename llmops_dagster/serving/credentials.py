@@ -119,6 +119,18 @@ def signing_secret(engine: sa.Engine, name: str = FEEDBACK_TOKEN_SECRET) -> byte
                                         {"name": name}).scalar_one())
 
 
+def read_signing_secret(engine: sa.Engine, name: str = FEEDBACK_TOKEN_SECRET) -> bytes:
+    """The secret `name`, read only: the replicas' role may not create one (serving_deployment
+    makes it, with `signing_secret`, before any replica starts)."""
+    with engine.connect() as connection:
+        secret = connection.execute(sa.text("SELECT secret FROM signing_keys WHERE name = :name"),
+                                    {"name": name}).scalar()
+    if secret is None:
+        raise RuntimeError(f"signing key {name!r} is missing: serving_deployment creates it; "
+                           "materialize serving_deployment rather than starting the app by hand")
+    return bytes(secret)
+
+
 def feedback_token(secret: bytes, response_id: str) -> str:
     """The token that lets whoever received answer `response_id` rate it (43 URL-safe characters)."""
     digest = hmac.new(secret, str(response_id).lower().encode(), hashlib.sha256).digest()
