@@ -59,24 +59,28 @@ def test_bad_input_gets_a_4xx_naming_the_field(served_model):
 
 
 def test_no_database_password_reaches_rays_gcs(served_model, monkeypatch, llmops_home):
-    """With a password in the database URL, the replicas still connect (they read it from a 0600
-    file), and no key or value in Ray's GCS key-value store holds it, while the deployment's other
-    constructor arguments (the URL file's path) are there: the scan sees what Serve stores."""
+    """With the serving role's password in its database URL (as on a server of your own), the
+    replicas still connect (they read the URL from a 0600 file), and no key or value in Ray's GCS
+    key-value store holds it, while the deployment's other constructor arguments (the URL file's
+    path) are there: the scan sees what Serve stores."""
     import os
     import stat
-    import uuid
     from pathlib import Path
 
     import dagster as dg
+    import sqlalchemy as sa
     from ray.experimental import internal_kv
 
     from assets.serving import serving_deployment
+    from llmops_dagster import embedded_auth
+    from llmops_dagster.database_roles import SERVING
     from tests.conftest import UNLIMITED
 
-    secret = f"S3cretPW{uuid.uuid4().hex[:8]}"
-    url = os.environ["LLMOPS_DATABASE_URL"]
-    assert "postgres:@" in url  # trust authentication: a password is accepted and ignored
-    monkeypatch.setenv("LLMOPS_DATABASE_URL", url.replace("postgres:@", f"postgres:{secret}@", 1))
+    url = sa.engine.make_url(os.environ["LLMOPS_SERVING_DATABASE_URL"])
+    passfile = embedded_auth.passfile(Path(llmops_home).resolve() / "pg", SERVING)
+    secret = passfile.read_text().split(":")[4].strip()
+    monkeypatch.setenv("LLMOPS_SERVING_DATABASE_URL", url.set(
+        password=secret, query={"host": url.query["host"]}).render_as_string(hide_password=False))
     result = dg.materialize([serving_deployment], resources=served_model["resources"],
                             instance=served_model["instance"],
                             run_config={"ops": {"serving_deployment": {"config": UNLIMITED}}})
