@@ -24,6 +24,8 @@ class EvalConfig(dg.Config):
     max_feedback_examples: int = Field(default=200, description="Feedback-derived eval records "
                                        "scored as their own slice (the first N with a feedback_id).")
     max_new_tokens: int = Field(default=48, description="Longest generated answer (tokens).")
+    batch_size: int = Field(default=16, ge=1, description="Records answered together (greedy, "
+                            "left-padded: the same answers as one at a time, in a fraction of the time).")
     bootstrap_samples: int = Field(default=1000, description="Resamples of the paired bootstrap.")
     seed: int = Field(default=0, description="Seed of the bootstrap.")
 
@@ -51,7 +53,7 @@ def eval_report(
         models["champion"] = champion.merged_model_path
     report = scoring.evaluate(
         models, run["eval_file"], config.max_examples, config.max_new_tokens, run["seq_len"],
-        config.bootstrap_samples, config.seed, config.max_feedback_examples,
+        config.bootstrap_samples, config.seed, config.max_feedback_examples, config.batch_size,
     )
     champion_version = champion.version if "champion" in models else None
     if champion is None:
@@ -79,6 +81,9 @@ def eval_report(
             "candidate_version": candidate["version"],
             "champion_version": champion_label,
             "examples": metrics["candidate"]["examples"],
+            "generation_s": dg.MetadataValue.float(round(sum(
+                s.generation_s for s in [*report.scores.values(), *report.feedback_scores.values()]), 2)),
+            "generation_batch_size": config.batch_size,
             "candidate_token_f1": metrics["candidate"]["token_f1"],
             "candidate_exact_match": metrics["candidate"]["exact_match"],
             "candidate_loss": metrics["candidate"]["loss"],

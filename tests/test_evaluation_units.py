@@ -162,3 +162,25 @@ def test_evaluate_scores_the_feedback_slice_apart_and_the_loss_on_the_scored_rec
     assert comparison == report.comparison
     assert feedback_slice == {"examples": 2, "metrics": report.feedback_metrics(),
                               "comparison": report.feedback_comparison}
+
+
+def test_batched_scoring_gives_the_answers_of_one_at_a_time(tiny_model):
+    """Prompts of many lengths, left-padded in batches of 8 (sorted by length, then put back in
+    record order): every greedy answer equals the one the model gives the prompt alone."""
+    records = [{"prompt": f"Customer: {'please ' * (i % 9)}where is order A{10000 + i}? Assistant:",
+                "completion": f" order A{10000 + i} ships today.", "intent": "order_status"}
+               for i in range(40)]
+    import torch
+
+    model, tokenizer = scoring.load_model(str(tiny_model))
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights large enough that each prompt gets an answer of its own
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    loaded = (model, tokenizer)
+    alone = scoring.score_model("m", str(tiny_model), records, 12, 48, loaded, batch_size=1)
+    batched = scoring.score_model("m", str(tiny_model), records, 12, 48, loaded, batch_size=8)
+    assert batched.per_example["prediction"].tolist() == alone.per_example["prediction"].tolist()
+    assert len(set(alone.per_example["prediction"])) > 1  # answers that differ: order is checked
+    assert batched.summary()["token_f1"] == alone.summary()["token_f1"]
+    assert batched.generation_s > 0 and batched.summary()["generation_s"] >= 0

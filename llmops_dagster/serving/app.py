@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from sqlalchemy.exc import DBAPIError
 
+from llmops_dagster import generation
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.templates import template_environment
 from llmops_dagster.serving import credentials, traffic_log
@@ -239,7 +240,6 @@ class ModelServer:
         torch.set_num_threads(1)
         self.config = ServingConfig(**config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_path)
-        self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(self.config.model_path).eval()
         self.template = template_environment().from_string(self.config.prompt_template)
         # pre_ping: after a database restart, a pooled connection is tested and replaced at
@@ -256,24 +256,12 @@ class ModelServer:
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
     def _answer(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-        """Greedy answers for a batch (left-padded), each cut at its own token budget."""
-        import torch
-
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        keep = self.config.seq_len - 1
-        ids = [(bos + self.tokenizer(self.template.render(prompt=p), add_special_tokens=False)
-                ["input_ids"])[-keep:] for p in prompts]
-        width = max(len(i) for i in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-        attention = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-        with torch.inference_mode():
-            output = self.model.generate(
-                input_ids, attention_mask=attention, max_new_tokens=max(max_new_tokens),
-                do_sample=False, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
-        return [storable_answer(self.tokenizer.decode(row[width: width + budget],
-                                                      skip_special_tokens=True)).strip()
-                for row, budget in zip(output, max_new_tokens, strict=True)]
+        """Greedy answers for a batch, each cut at its own token budget (as the eval report
+        scores them: generation.py)."""
+        ids = [generation.prompt_ids(self.tokenizer, self.template.render(prompt=p), self.config.seq_len)
+               for p in prompts]
+        return [storable_answer(text).strip()
+                for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
 
     def _answer_and_log(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
         """Answer a batch and write its request-log rows in one transaction (one round trip a
