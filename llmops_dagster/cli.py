@@ -44,6 +44,14 @@ def _database():
     return PostgresResource()
 
 
+def _ray_serve():
+    """Ray Serve as the code location configures it (ports from LLMOPS_SERVE_HTTP_PORT and
+    LLMOPS_RAY_PORT), so that the CLI looks where the runs deploy."""
+    from llmops_dagster.definitions import ray_serve_resource
+
+    return ray_serve_resource()
+
+
 def _prepare_instance_env() -> dict[str, str]:
     from llmops_dagster.instance import prepare_dagster_home
 
@@ -84,9 +92,10 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from llmops_dagster.serving import ray_cluster
-    from resources.serving import RayServeResource
 
-    resource = RayServeResource() if args.port is None else RayServeResource(local_port=args.port)
+    resource = _ray_serve()
+    if args.port is not None:
+        resource = resource.model_copy(update={"local_port": args.port})
     where = f"127.0.0.1:{resource.local_port}"
     if args.action == "status":
         processes = ray_cluster.local_head_processes(resource.local_temp_dir(), resource.local_port)
@@ -111,12 +120,11 @@ def cmd_status(_: argparse.Namespace) -> int:
     import dagster as dg
 
     from llmops_dagster.loop import runs
-    from resources.serving import RayServeResource
     from schedules.jobs import SERVING_JOBS
 
     engine = _database().engine()
     promotion = registry.current_promotion(engine)
-    serve = RayServeResource()
+    serve = _ray_serve()
     served = serve.served_version()
     if promotion is None:
         print("registry      no version in production")
@@ -596,7 +604,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL or make ui's)")
     trace.set_defaults(handler=cmd_trace)
     args = parser.parse_args(argv)
-    return args.handler(args)
+    from llmops_dagster.database import DatabaseConfigError
+    from llmops_dagster.embedded_auth import EmbeddedAuthError
+    from llmops_dagster.settings import SettingError
+
+    try:
+        return args.handler(args)
+    except (SettingError, DatabaseConfigError, EmbeddedAuthError) as error:
+        print(f"llmops {args.command}: {error}", file=sys.stderr)  # a setting, named: no traceback
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import dagster as dg
 
 from assets import dataset, evaluation, feedback, governance, prompts, serving, training
+from llmops_dagster.serving import ray_cluster
+from llmops_dagster.settings import port_from_env
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
@@ -18,7 +20,21 @@ from schedules.automation import (
 )
 from schedules.jobs import deploy_job, main_job, retrain_job, rollback_job
 
+
+def ray_serve_resource() -> RayServeResource:
+    """Ray Serve with its ports from the environment (LLMOPS_SERVE_HTTP_PORT, LLMOPS_RAY_PORT), so
+    that a second platform on the machine (a benchmark, a colleague's) runs beside the first; the
+    daemon, its runs and the CLI all read them."""
+    return RayServeResource(http_port=port_from_env("LLMOPS_SERVE_HTTP_PORT", 8000),
+                            local_port=port_from_env("LLMOPS_RAY_PORT", ray_cluster.LOCAL_PORT))
+
+
 defs = dg.Definitions(
+    # One process a run, steps one after another in it: a step in a process of its own (Dagster's
+    # default) pays ~5-8 s of imports (torch, transformers, dagster) per step on 2 cores, more than
+    # most steps compute, and two CPU-bound steps at once only slow each other. On a cluster, swap
+    # in a per-step executor (dagster-k8s's k8s_job_executor) here.
+    executor=dg.in_process_executor,
     assets=dg.load_assets_from_modules(
         [dataset, prompts, training, evaluation, governance, serving, feedback]
     ),
@@ -30,7 +46,7 @@ defs = dg.Definitions(
         "artifacts": ArtifactStore(),
         "embedder": EmbedderResource(),
         "trainer": TrainerResource(),
-        "ray_serve": RayServeResource(),
+        "ray_serve": ray_serve_resource(),
         "loop_settings": LoopSettings(),
     },
 )

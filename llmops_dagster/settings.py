@@ -14,6 +14,21 @@ def llmops_home() -> Path:
     return Path(os.environ.get("LLMOPS_HOME") or Path.cwd() / ".llmops").resolve()
 
 
+class SettingError(ValueError):
+    """A setting from the environment cannot be used; the message names it."""
+
+
+def port_from_env(name: str, default: int) -> int:
+    """A TCP port from environment variable `name` (unset or empty: `default`); a clear error
+    naming the variable otherwise."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SettingError(f"{name} must be a TCP port (1-65535), got {value!r}")
+    return int(value)
+
+
 def dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or llmops_home() / "dagster_home").resolve()
 

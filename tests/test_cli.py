@@ -126,3 +126,12 @@ def test_database_urls_are_printed_without_their_password(fresh_database, dagste
         out, err = capsys.readouterr()
         leaked = [p for p in passwords if p in out or p in err]
         assert not leaked, (argv, out[-500:], err[-500:])
+
+
+@pytest.mark.parametrize(("variable", "value"), [("LLMOPS_RAY_PORT", "abc"),
+                                                 ("LLMOPS_SERVE_HTTP_PORT", "70000")])
+def test_a_bad_port_setting_is_named_in_one_line(variable, value, monkeypatch, capsys):
+    monkeypatch.setenv(variable, value)
+    assert cli.main(["serve", "status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llmops serve: {variable} must be a TCP port (1-65535), got {value!r}"
