@@ -122,6 +122,8 @@ def validated_dataset(
         context.log.warning(budget.message())
         frame = snapshot
         report = validate_examples(frame, config.rules())
+    context.log.info(f"progress: {report.rows_input} rows validated: {report.rows_accepted} accepted, "
+                     f"{report.rows_quarantined} quarantined")
     version = data_version(report.accepted)
     folder = artifacts.write_version(
         "datasets", version, lambda d: dataset_store.write_accepted(d, report.accepted)
@@ -180,22 +182,33 @@ def dataset_embeddings(
     train = accepted[accepted["split"] == "train"]
     engine = database.engine()
     before = embeddings.stored_rows(engine, dataset["version"])
+    # Prompts an earlier version embedded with this model keep their vectors (a retrain adds a
+    # few feedback rows to the same prompts); only the others go through the model.
+    stored = embeddings.reuse_embeddings(engine, dataset["version"], embedder.identity(),
+                                         train["_row_number"].tolist(), train["prompt"].tolist())
+    reused = len(stored) - before
+    missing = train[~train["_row_number"].isin(stored)]
     embedding_s = 0.0
-    if before < len(train):
+    if len(missing):
+        context.log.info(f"progress: embedding {len(missing)} of {len(train)} training prompts "
+                         f"({before} stored already, {reused} reused from earlier versions)")
         started = time.perf_counter()
-        vectors = embedder.embed(train["prompt"].tolist())
+        vectors = embedder.embed(missing["prompt"].tolist())
         embedding_s = time.perf_counter() - started
         embeddings.store_embeddings(
-            engine, dataset["version"], train["_row_number"].tolist(), train["prompt"].tolist(),
-            vectors,
+            engine, dataset["version"], missing["_row_number"].tolist(), missing["prompt"].tolist(),
+            vectors, embedder.identity(),
         )
     after = embeddings.stored_rows(engine, dataset["version"])
+    context.log.info(f"progress: {after} rows embedded ({after - before} new: {reused} reused, "
+                     f"{len(missing)} computed in {embedding_s:.1f} s)")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(dataset["version"]),
         metadata={
             "dataset_version": dataset["version"],
             "rows": after,
             "rows_added": after - before,
+            "rows_reused": reused,  # vectors copied from an earlier version (same prompt and model)
             "embedding_s": dg.MetadataValue.float(round(embedding_s, 2)),  # the model's own time
             "dimensions": 384,
             "index": "HNSW, cosine",

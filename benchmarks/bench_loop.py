@@ -132,6 +132,10 @@ def main() -> int:
             time.sleep(0.25)
         served_s = time.perf_counter() - trigger
         with dg.DagsterInstance.get() as instance:
+            deadline = time.monotonic() + 120  # the run records its last step after serving
+            while time.monotonic() < deadline and any(
+                    not r.is_finished for r in instance.get_runs(filters=dg.RunsFilter(job_name="retrain"))):
+                time.sleep(0.5)
             runs = [r for r in instance.get_runs(filters=dg.RunsFilter(job_name="retrain"))
                     if r.tags.get("llmops/trigger") == "feedback"]
             if not runs:

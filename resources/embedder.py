@@ -34,6 +34,10 @@ class EmbedderResource(dg.ConfigurableResource):
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda.")
     batch_size: int = Field(default=64, description="Sentences per forward pass.")
 
+    def identity(self) -> str:
+        """Which model embeds (its folder): vectors made by the same one may be reused."""
+        return os.path.realpath(self.model_path or default_model_path())
+
     def embed(self, texts: list[str]) -> np.ndarray:
         """Unit-length float32 vectors, one row per text (so cosine distance = 1 - dot product)."""
         model = _load(self.model_path or default_model_path(), self.device)

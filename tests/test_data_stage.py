@@ -151,3 +151,33 @@ def test_missing_required_column_fails_the_check_naming_it(resources, instance, 
     dataset = metadata(result, validated_dataset)
     assert dataset["rows_quarantined"] == 2 and dataset["rows_accepted"] == 0
     assert not result.asset_materializations_for_node("prompt_set")
+
+
+def test_a_new_dataset_version_reuses_vectors_of_the_same_prompt_and_model(fresh_database):
+    """Vectors are copied for prompts an earlier version embedded with the same model, never from
+    another model, nor from rows whose model is unknown."""
+    import numpy as np
+
+    from llmops_dagster.dataset import embeddings
+
+    engine = fresh_database.engine()
+    with engine.begin() as connection:
+        for version in ("d1", "d2", "d3", "d4"):
+            connection.execute(sa.text(
+                "INSERT INTO dataset_versions (version, input_hash, source, path, rows_input, "
+                "rows_accepted, rows_quarantined) VALUES (:v, :v, 'synthetic', '/nowhere', 1, 1, 0)"),
+                {"v": version})
+    prompts = [f"where is order A{10000 + i}?" for i in range(10)]
+    vectors = np.random.default_rng(0).normal(size=(10, 384)).astype(np.float32)
+    embeddings.store_embeddings(engine, "d1", list(range(10)), prompts, vectors, "model-a")
+    embeddings.store_embeddings(engine, "d4", [0], ["an old row"], vectors[:1], "")
+
+    # d2: rows renumbered, half the prompts known, one new prompt, one prompt known only as ''.
+    rows, texts = [100, 101, 102, 103, 104, 105, 106], [*prompts[:5], "a new question", "an old row"]
+    assert embeddings.reuse_embeddings(engine, "d2", "model-a", rows, texts) == {100, 101, 102, 103, 104}
+    with engine.connect() as connection:
+        copied = connection.execute(sa.text(
+            "SELECT row_number, embedding::text FROM dataset_embeddings WHERE dataset_version = 'd2' "
+            "ORDER BY row_number")).all()
+    assert np.allclose(np.array([json.loads(v) for _, v in copied]), vectors[:5], atol=1e-6)
+    assert embeddings.reuse_embeddings(engine, "d3", "model-b", rows, texts) == set()
