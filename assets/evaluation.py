@@ -51,10 +51,19 @@ def eval_report(
     models = {"candidate": candidate["merged_model_path"], "base": run["base_model"]}
     if champion is not None and champion.version != candidate["version"]:
         models["champion"] = champion.merged_model_path
+    context.log.info(f"progress: scoring {', '.join(models)} on up to {config.max_examples} eval examples "
+                     f"and {config.max_feedback_examples} feedback examples")
     report = scoring.evaluate(
         models, run["eval_file"], config.max_examples, config.max_new_tokens, run["seq_len"],
         config.bootstrap_samples, config.seed, config.max_feedback_examples, config.batch_size,
     )
+    for role, scores in report.scores.items():
+        feedback = report.feedback_scores.get(role)
+        context.log.info(
+            f"progress: {role}: {len(scores.per_example)} examples scored"
+            + (f" + {len(feedback.per_example)} feedback" if feedback else "")
+            + f", token F1 {scores.per_example['token_f1'].mean():.4f}, generation "
+            f"{scores.generation_s + (feedback.generation_s if feedback else 0.0):.1f} s")
     champion_version = champion.version if "champion" in models else None
     if champion is None:
         champion_label = "none (first model)"

@@ -153,12 +153,18 @@ def finetuned_checkpoint(
     reported_steps = 0
     if (output / "DONE").exists():
         context.log.info(f"fine-tune {version} is complete already; reusing it")
+        context.log.info(f"progress: reusing the complete fine-tune {version}: no training")
     else:
         output.mkdir(parents=True, exist_ok=True)
         write_run_config(run, output / "train_config.json")
+        context.log.info(f"progress: fine-tune {version}: {config.max_steps} steps on "
+                         f"{config.num_processes} ranks under {trainer.launcher}")
         _, messages = trainer.run(context, output / "train_config.json", config.num_processes)
         reported_steps = len(messages)
     summary = json.loads((output / "summary.json").read_text())
+    context.log.info(f"progress: {summary['global_step']} steps in {summary['wall_seconds']:.1f} s, "
+                     f"{summary['tokens_per_s']:.0f} tokens/s: final loss {summary['final_loss']:.4f}, "
+                     f"eval loss {summary.get('eval_loss', float('nan')):.4f}")
     history = read_history(output / "metrics.jsonl")
     zero_stage = deepspeed_config.get("zero_optimization", {}).get("stage", 0)
     # Model FLOPs: 6 x parameters a token (forward 2N, backward 4N), the usual MFU convention.

@@ -47,7 +47,7 @@ def materialize_ours(steps: int, seed: int) -> tuple[dict, Path, float]:
 def run_bare(run_file: Path, zero_stage: int) -> dict:
     out = run_file.parent / f"bare-zero{zero_stage}.json"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+        [sys.executable, "-m", "llmops_dagster.training.torchrun_local", "--nproc_per_node=2",
          str(BENCH_DIR / "bare_deepspeed_loop.py"), "--config", str(run_file), "--out", str(out),
          "--zero-stage", str(zero_stage)],
         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,

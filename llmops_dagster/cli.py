@@ -174,9 +174,11 @@ def _print_summary(result) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import dagster as dg
-
-    from llmops_dagster.definitions import defs
+    """Execute the job in this process: one line per step event on the terminal, everything the
+    run prints (Dagster's events, warnings, progress bars, training output) in a log file under
+    $LLMOPS_HOME/logs/; then the summary, sample traffic and a trace."""
+    import uuid
+    import warnings
 
     try:
         run_config = json.loads(args.config) if args.config else {}
@@ -186,22 +188,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not isinstance(run_config, dict):
         print("llmops run: --config must be a JSON object ({\"ops\": {...}})", file=sys.stderr)
         return 2
-    jobs = sorted(job.name for job in defs.jobs or [])
-    if args.job not in jobs:
-        print(f"llmops run: --job {args.job!r} is not a job; one of {jobs}", file=sys.stderr)
-        return 2
-    _prepare_instance_env()
-    instance = dg.DagsterInstance.get()
+    # Warnings while loading the definitions and the instance (beta APIs, platform folders) go to
+    # the run's log file with the rest of what the libraries say.
+    with warnings.catch_warnings(record=True) as loading_warnings:
+        import dagster as dg
+
+        from llmops_dagster.definitions import defs
+
+        jobs = sorted(job.name for job in defs.jobs or [])
+        if args.job not in jobs:
+            print(f"llmops run: --job {args.job!r} is not a job; one of {jobs}", file=sys.stderr)
+            return 2
+        _prepare_instance_env()
+        instance = dg.DagsterInstance.get()
+    from llmops_dagster import run_progress
+    from llmops_dagster.settings import llmops_home
+
     job = defs.resolve_job_def(args.job)
-    result = job.execute_in_process(instance=instance, raise_on_error=False, run_config=run_config)
+    run_id = str(uuid.uuid4())
+    log_file = run_progress.log_path(llmops_home() / "logs", run_id)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a", encoding="utf-8") as log:
+        log.writelines(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line)
+                       for w in loading_warnings)
+    print(f"llmops run: job {args.job}, run {run_id}\n  full log (Dagster events, warnings, training "
+          f"output): {log_file}", flush=True)
+    result = run_progress.execute_with_progress(job, instance, log_file, run_config=run_config,
+                                                run_id=run_id)
     _print_summary(result)
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
                 print(f"\nstep {event.step_key} failed: {event.event_specific_data.error.message}")
-        print(f"\nrun {result.run_id} FAILED; it is in the Dagster UI (make ui)", file=sys.stderr)
+        print(f"\nrun {result.run_id} FAILED; it is in the Dagster UI (make ui)\n  full log: {log_file}",
+              file=sys.stderr)
         return 1
-    print(f"\nrun {result.run_id} succeeded; see it in the Dagster UI (make ui)")
+    print(f"\nrun {result.run_id} succeeded; see it in the Dagster UI (make ui)\n  full log: {log_file}")
     served = result.asset_materializations_for_node("serving_deployment")
     if served and not args.no_traffic:
         metadata = served[-1].metadata

@@ -35,10 +35,13 @@ class RayServeResource(dg.ConfigurableResource):
         # bandit B108: a short path is needed for Ray's sockets; private_folder makes it 0700 and ours.
         return Path(f"/tmp/llmops-ray-{os.getuid()}-{key}") / "ray"  # nosec
 
+    def is_local(self) -> bool:
+        """Whether Serve runs on the local head (no cluster address configured)."""
+        return not os.environ.get(self.address_env_var, "").strip()
+
     def address(self) -> str:
-        configured = os.environ.get(self.address_env_var, "").strip()
-        if configured:
-            return configured
+        if not self.is_local():
+            return os.environ[self.address_env_var].strip()
         return ray_cluster.ensure_local_head(self.local_temp_dir(), self.local_cpus, self.local_port)
 
     def stop_local(self) -> int:
@@ -73,7 +76,8 @@ class RayServeResource(dg.ConfigurableResource):
         """Deploy (or roll out) `config`; return once /healthz answers with its model version."""
         from ray import serve
 
-        ray_cluster.connect(self.address())
+        ray_cluster.connect(self.address(), local=self.is_local())
+        # No gRPC servicers: Serve starts no gRPC proxy (it would bind "[::]:port", whatever the host).
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
         serve.run(build_app(self.with_replicas(config)), name=APP_NAME, route_prefix="/",
                   blocking=False)

@@ -1,5 +1,6 @@
 """Services stop cleanly: `llmops ui` started in the background (SIGINT ignored, as a shell's `&` does)
 stops with its webserver, daemon and code server on SIGTERM; `llmops serve stop` with no local Ray head.
+`llmops ui` listens on 127.0.0.1 only (its webserver; code servers on Unix sockets).
 
 Touches: a real `dagster dev` on a free port, its instance in a database of its own on the session's
 embedded PostgreSQL (nothing under the developer's .llmops); no Ray head is started here.
@@ -21,6 +22,7 @@ import pytest
 
 from llmops_dagster import database
 from llmops_dagster.training.launch import free_port
+from tests.test_listeners import assert_loopback_only, listeners, listing
 
 LLMOPS = str(Path(sys.executable).parent / "llmops")
 START_TIMEOUT_S = 240  # the webserver takes 20-60 s to start on a 2-core machine, more under load
@@ -82,6 +84,10 @@ def test_ui_in_the_background_stops_on_sigterm(fresh_database, platform_db, tmp_
         commands = [" ".join(process.cmdline()) for process in descendants]
         assert any("dagster_webserver" in c for c in commands), commands
         assert any("dagster._daemon" in c for c in commands), commands
+        found = listeners([psutil.Process(ui.pid), *descendants])
+        print(f"\n{listing(found)}")
+        assert_loopback_only(found)
+        assert {(x.ip, x.port) for x in found} == {("127.0.0.1", port)}, listing(found)
         groups = {ui.pid} | {os.getpgid(process.pid) for process in descendants}
 
         started = time.monotonic()

@@ -2,18 +2,33 @@
 
 The local head is started once with `ray start` (so it outlives the process that deploys) with
 token authentication on, its token in ~/.ray/auth_token, and stopped by `llmops serve stop`.
+It listens on 127.0.0.1 only, except for one port Ray has no setting for (LOCAL_HEAD_ENV).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 LOCAL_PORT = 6390  # GCS port of the local head
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+
+# `ray start --node-ip-address=127.0.0.1` is replaced by the machine's routable address, and every
+# Ray server then listens on all interfaces. With "clusters" off (Ray's switch for Windows and macOS,
+# read in ray/_private/services.py and scripts.py), the node address stays 127.0.0.1: GCS, raylet,
+# object manager, workers' gRPC servers, client server, dashboard agent, runtime-env agent and the
+# autoscaler's and dashboard's metrics servers listen on 127.0.0.1, and no other machine can join.
+# Metrics collection off: nothing scrapes the agent's Prometheus port, which answers without a token.
+# The autoscaler's and dashboard's metrics servers (no token either) take any free port: Ray's fixed
+# 44217 and 44227 would be taken by a second head on the machine.
+# Not movable (Ray 2.60): each Serve replica's inter-deployment gRPC server binds "[::]:0" (hard-coded
+# in ray/serve/_private/replica.py); it refuses calls without the cluster's token.
+LOCAL_HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_collection": "0",
+                  "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
 
 
 # What the Ray processes may inherit from ours: the head and every worker it starts keep their
@@ -34,6 +49,15 @@ def _ray(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
                           capture_output=True, text=True)
 
 
+def _accepts(port: int, timeout_s: float = 1) -> bool:
+    """Whether anything accepts TCP connections on 127.0.0.1:`port`."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> str:
     """Start the local head when none answers on `port`; return its address."""
     address = f"127.0.0.1:{port}"
@@ -42,15 +66,19 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> 
     if not token.exists():
         _ray("get-auth-token", "--generate")
     token.chmod(0o600)  # Ray writes it 0644: the token opens every port of the cluster
-    status = _ray("status", f"--address={address}", check=False)
-    if status.returncode != 0:
+    # `ray status` takes about 40 s to give up when nothing listens: ask it only when something does.
+    running = _accepts(port) and _ray("status", f"--address={address}", env=LOCAL_HEAD_ENV,
+                                      check=False).returncode == 0
+    if not running:
         # Ray makes its temp folder and those inside it 0777: a private parent keeps others out.
         private_folder(temp_dir.parent)
         temp_dir.mkdir(exist_ok=True)
+        # Agent HTTP port 0 (any free one): Ray's fixed 52365 would be taken by a second head.
         result = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                       f"--ray-client-server-port={client_server_port(port)}",
+                      "--dashboard-agent-listen-port=0",
                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-                      f"--temp-dir={temp_dir}", check=False)
+                      f"--temp-dir={temp_dir}", env=LOCAL_HEAD_ENV, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"could not start the local Ray head: {result.stderr[-2000:]}")
     return address
@@ -74,11 +102,19 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
-def connect(address: str) -> None:
+def connect(address: str, local: bool = False) -> None:
+    """Connect this process to the cluster at `address` (`local`: the head of ensure_local_head)."""
     import ray
 
     if not ray.is_initialized():
         os.environ.update(AUTH_ENV)
+        if local:
+            # This process's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (LOCAL_HEAD_ENV), read when ray was
+            # imported: without it ray.init turns 127.0.0.1 into the routable address, where the
+            # local head does not listen, and this driver's own gRPC server would listen there.
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(address=address, namespace="llmops", logging_level="ERROR",
                  log_to_driver=False)
 
@@ -90,17 +126,19 @@ def client_server_port(gcs_port: int) -> int:
 
 def local_head_processes(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> list:
     """The psutil processes of the local head started in `temp_dir` (its processes name that folder,
-    its client server its port); other Ray clusters on the machine are not among them."""
+    its client server its port) and their descendants (agents and workers, which rename themselves
+    `ray::...`); other Ray clusters on the machine are not among them."""
     import psutil
 
     client = f"--port={client_server_port(gcs_port)}"
-    mine = []
+    mine = {}
     for process in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
             cmdline = " ".join(process.info["cmdline"] or [])
             if str(temp_dir) in cmdline or ("ray.util.client.server" in cmdline and client in cmdline):
-                mine.append(process)
-    return mine
+                mine[process.pid] = process
+                mine.update((child.pid, child) for child in process.children(recursive=True))
+    return list(mine.values())
 
 
 def stop_local_head(temp_dir: Path, gcs_port: int = LOCAL_PORT) -> int:

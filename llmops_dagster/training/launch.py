@@ -120,11 +120,12 @@ def free_port() -> int:
 
 def launch_command(run_file: Path, num_processes: int, launcher: str = "torchrun",
                    hostfile: str = "") -> list[str]:
-    """torchrun (one node) or the deepspeed launcher (a hostfile for several nodes)."""
+    """torchrun (one node, nothing listening beyond 127.0.0.1: torchrun_local) or the deepspeed
+    launcher (a hostfile for several nodes; its rank 0 store listens on every interface)."""
     module = "llmops_dagster.training.train_lora"
     if launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={num_processes}",
-                f"--master_port={free_port()}", "-m", module, "--config", str(run_file)]
+        return [sys.executable, "-m", "llmops_dagster.training.torchrun_local",
+                f"--nproc_per_node={num_processes}", "-m", module, "--config", str(run_file)]
     if launcher == "deepspeed":
         command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--master_port={free_port()}"]
         command += [f"--hostfile={hostfile}"] if hostfile else [f"--num_gpus={num_processes}"]

@@ -78,7 +78,8 @@ def _fault() -> tuple[str, int] | None:
     return kind, int(step)
 
 
-LAUNCHERS = ("torch.distributed.run", "torchrun", "deepspeed.launcher", "deepspeed/launcher")
+LAUNCHERS = ("llmops_dagster.training.torchrun_local", "torch.distributed.run", "torchrun",
+             "deepspeed.launcher", "deepspeed/launcher")
 
 
 def _kill_process_tree() -> None:
