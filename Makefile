@@ -30,12 +30,16 @@ test: $(STAMP) browser
 browser:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
 
+# Each benchmark records its figures; the last step writes them to benchmarks/results.md.
 bench: $(STAMP)
+	rm -f benchmarks/.results.jsonl
 	$(BIN)/python benchmarks/bench_validation.py
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_serving.py
 	$(BIN)/python benchmarks/bench_sensors.py
 	$(BIN)/python benchmarks/bench_quality.py
+	$(BIN)/python benchmarks/bench_loop.py
+	$(BIN)/python benchmarks/results.py
 
 # dagster dev in a process group of its own: stops on Ctrl-C and SIGTERM, also started with `&` or nohup.
 ui: $(STAMP)

@@ -19,6 +19,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from results import record
+
 
 def train(instance, resources: dict, seed: int) -> dict:
     import dagster as dg
@@ -94,6 +96,12 @@ def main() -> None:
         print(f"  {run['seed']:>4}  {run['exact_match']:>11.4f}  {run['token_f1']:>8.4f}  "
               f"{run['loss']:>9.4f}  {run['train_seconds']:>7.1f}")
     print(f"  exact match: min {min(em):.4f} (goal >= 0.80), spread {max(em) - min(em):.4f}")
+    record("quality", "default model exact match, lowest over seeds", min(em), "", "at least 0.80",
+           min(em) >= 0.80)
+    record("quality", "default model token F1, lowest over seeds", min(f1), "", "at least 0.95",
+           min(f1) >= 0.95)
+    record("quality", "token F1 spread over seeds", max(f1) - min(f1), "", "at most 0.03",
+           max(f1) - min(f1) <= 0.03)
     print(f"  token F1:    min {min(f1):.4f} (goal >= 0.95), spread {max(f1) - min(f1):.4f} "
           f"(goal <= 0.03)")
     print(f"  lowest bootstrap 95% lower bound of token F1, seed {lowest[1]} minus seed {lowest[2]}: "

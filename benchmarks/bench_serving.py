@@ -32,6 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from results import record
+
 HTTP_PORT = 8031
 GCS_PORT = 6411
 PROMPT = "Where is my order A12345?"
@@ -244,6 +246,10 @@ def main() -> None:
     print(f"  max_batch_size {config.max_batch_size}   {batched:7.1f} requests/s")
     print(f"  max_batch_size 1   {unbatched:7.1f} requests/s")
     print(f"  ratio batched/unbatched: {batched / unbatched:.2f}x (goal: at least 2x)")
+    record("serving", "p50 over bare generate (HTTP, Serve, batch queue, log)", served_p50 - bare_p50, "ms",
+           "", None)
+    record("serving", "batched / unbatched throughput, 16 clients", batched / unbatched, "x", "at least 2x",
+           batched / unbatched >= 2)
     print(f"whole run {time.perf_counter() - started:.0f} s")
 
 
