@@ -29,6 +29,10 @@ storage:
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
+  config:
+    # A queued run starts within a second, not five (Dagster's default): the loop's budget from
+    # trigger to served model is a minute.
+    dequeue_interval_seconds: 1
 # Two runs at a time. One fine-tune at a time: finetuned_checkpoint is in pool "trainer", which
 # `llmops` gives one slot (any other pool gets one by default); a second run waits at that step
 # instead of training into the same folder.
