@@ -24,7 +24,8 @@ from results import record
 
 def fill(engine: sa.Engine, start: int, stop: int) -> None:
     """Rows start..stop-1 of request_log and feedback for the production model, one in 3 negative,
-    each rating counted (as sent with its answer's feedback token)."""
+    each rating counted (as sent with its answer's feedback token); then the statistics autovacuum
+    would gather, as the tables' owner (ANALYZE by another role is skipped with a warning)."""
     with engine.begin() as connection:
         connection.execute(sa.text(
             "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
@@ -35,7 +36,14 @@ def fill(engine: sa.Engine, start: int, stop: int) -> None:
             "SELECT md5(i::text)::uuid, 'c', CASE WHEN i % 3 = 0 THEN -1 ELSE 1 END, "
             "'token:' || i, 'feedback_token', true FROM generate_series(:a, :b) AS i"),
             {"a": start, "b": stop - 1})
-        connection.execute(sa.text("ANALYZE request_log; ANALYZE feedback"))
+    from resources.database import PostgresResource
+
+    owner = sa.create_engine(PostgresResource().owner_url())
+    try:
+        with owner.begin() as connection:  # statistics are transactional: committed
+            connection.execute(sa.text("ANALYZE request_log; ANALYZE feedback"))
+    finally:
+        owner.dispose()
 
 
 def snapshot(engine: sa.Engine) -> str:
