@@ -60,7 +60,7 @@ def markdown(rows: list[dict]) -> str:
     ]
     for row in rows:
         met = {True: "yes", False: "**no**", None: "-"}[row["met"]]
-        figure = f"{row['figure']:.2f} {row['unit']}".strip()
+        figure = f"{row['figure']:.4g} {row['unit']}".strip()
         lines.append(f"| {row['bench']} | {row['measure']} | {figure} | {row['goal'] or '-'} | {met} |")
     return "\n".join(lines) + "\n"
 
