@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.prompts import prompt_set
+from llmops_dagster.governance import registry
 from llmops_dagster.instance import TRAINER_POOL
 from llmops_dagster.lineage import lineage_metadata, stage_definition, upstream_metadata
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
@@ -17,6 +18,7 @@ from llmops_dagster.training.base_model import ScratchModelSpec
 from llmops_dagster.training.plots import loss_curve_markdown
 from llmops_dagster.training.run_config import FinetuneSettings, RunConfig, read_history, write_run_config
 from resources.artifacts import ArtifactStore
+from resources.database import PostgresResource
 from resources.trainer import TrainerResource
 
 SCRATCH = "scratch"
@@ -49,7 +51,10 @@ def base_model(
     prompts = upstream_metadata(context, prompt_set)
     if config.source == SCRATCH:
         train_file = Path(prompts["path"]) / SPLIT_FILES["train"]
-        records = read_records(train_file)
+        # The tokenizer learns from the source's training rows only: feedback rows change with every
+        # retrain, and a base model (its vocabulary) that changed with them would make each retrain
+        # start over from a new random model, where it can continue from production's adapter.
+        records = [r for r in read_records(train_file) if r.get("feedback_id") is None]
         texts = [r["prompt"] + r["completion"] for r in records]
         version, folder = artifacts.write_content_addressed(
             "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)
@@ -94,6 +99,15 @@ class FinetuneConfig(dg.Config):
     target_modules: list[str] = declared(FinetuneSettings, "target_modules")
     modules_to_save: list[str] = declared(FinetuneSettings, "modules_to_save")
     seed: int = declared(FinetuneSettings, "seed")
+    warm_start: bool = Field(
+        default=False,
+        description="Start the LoRA weights from the production model's adapter when it has the "
+        "same base model and LoRA settings (a retrain continues where production is; the loop's "
+        "sensors ask for it with fewer steps) when this run has new data or prompts; otherwise a "
+        "fresh init at max_steps.",
+    )
+    warm_start_steps: int = Field(default=200, ge=1, description="Optimizer steps of a warm start "
+                                  "(max_steps applies to a fresh init).")
     peak_tflops: float | None = Field(
         default=None,
         description="Peak dense TFLOP/s of all ranks together (e.g. 989 for one H200 in bf16), "
@@ -108,6 +122,26 @@ class FinetuneConfig(dg.Config):
         )
 
 
+LORA_SHAPE = ("lora_r", "lora_alpha", "target_modules", "modules_to_save")
+
+
+def _warm_start_source(database: PostgresResource, base_version: str, prompts: dict,
+                       config: FinetuneConfig):
+    """The production version whose adapter this fine-tune can start from, or None: it must have
+    the same base model and LoRA shape, its adapter on disk, and other data or prompts than this
+    one (on the same data a retrain reproduces production from a fresh init instead of training
+    production further on what it has already learned)."""
+    production = registry.production(database.engine())
+    if production is None or production.base_model_version != base_version:
+        return None
+    if (production.dataset_version, production.prompt_set_version) == (
+            prompts["dataset_version"], prompts["version"]):
+        return None
+    if any(production.train_config.get(name) != getattr(config, name) for name in LORA_SHAPE):
+        return None
+    return production if Path(production.adapter_path).is_dir() else None
+
+
 # One fine-tune at a time on an instance: `llmops` gives this pool one slot (instance.py).
 @dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"},
           pool=TRAINER_POOL)
@@ -116,21 +150,34 @@ def finetuned_checkpoint(
     config: FinetuneConfig,
     artifacts: ArtifactStore,
     trainer: TrainerResource,
+    database: PostgresResource,
 ) -> dg.MaterializeResult:
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
     prompts = upstream_metadata(context, prompt_set)
     base = upstream_metadata(context, base_model)
+    warm_from = _warm_start_source(database, base["version"], prompts, config) if config.warm_start else None
+    if config.warm_start:
+        context.log.info(f"progress: warm start from {warm_from.version}'s adapter, "
+                         f"{config.warm_start_steps} steps" if warm_from else
+                         "progress: no warm start (production has the same data, another base model "
+                         "or LoRA shape, or there is none): a fresh LoRA init")
+    steps = config.warm_start_steps if warm_from else config.max_steps
     try:  # every setting that can be known wrong is checked before a process starts
         launch.check_settings(base["path"], config.num_processes, config.target_modules)
         deepspeed_config = launch.resolve_deepspeed_config(
-            launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), config.max_steps
+            launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), steps
         )
     except (launch.TrainingConfigError, base_models.BaseModelError) as error:
         raise dg.Failure(description=str(error)) from error
     lineage = {"base_model_version": base["version"], "prompt_set_version": prompts["version"],
                "dataset_version": prompts["dataset_version"]}
+    # A fresh init hashes as it always did (so a retrain on unchanged data reproduces production's
+    # version); a warm start adds the adapter it starts from and its own step count.
     settings = {k: v for k, v in config.model_dump().items()
-                if k not in launch.DeepSpeedOverrides.__dataclass_fields__}
+                if k not in launch.DeepSpeedOverrides.__dataclass_fields__
+                and k not in ("warm_start", "warm_start_steps")}
+    if warm_from:
+        settings.update(max_steps=steps, init_adapter_version=warm_from.version)
     version = launch.run_version({**lineage, **settings, "deepspeed": deepspeed_config})
     output = artifacts.version_dir("finetunes", version)
     run = RunConfig(
@@ -144,11 +191,12 @@ def finetuned_checkpoint(
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         modules_to_save=config.modules_to_save,
-        max_steps=config.max_steps,
+        max_steps=steps,
         seq_len=config.seq_len,
         checkpoint_every=config.checkpoint_every,
         seed=config.seed,
         lineage=lineage,
+        init_adapter=warm_from.adapter_path if warm_from else None,
     )
     reported_steps = 0
     if (output / "DONE").exists():
@@ -196,6 +244,7 @@ def finetuned_checkpoint(
             "mfu": round(mfu, 4) if mfu is not None else "set peak_tflops",
             "wall_seconds": round(summary["wall_seconds"], 1),
             "steps_reported_via_pipes": reported_steps,
+            "warm_start_from": warm_from.version if warm_from else "fresh LoRA init",
             "loss_curve": dg.MetadataValue.md(loss_curve_markdown(history)),
         },
     )

@@ -61,6 +61,7 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     context.update_cursor(window.until)
     return dg.RunRequest(
         run_key=f"feedback-{window.key}",
+        run_config=loop_settings.retrain_run_config(),
         tags={"llmops/trigger": "feedback", "llmops/negative_feedback": str(window.negative),
               "llmops/feedback_window": window.key},
     )
@@ -96,6 +97,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
         return dg.SkipReason(check.reason)
     return dg.RunRequest(
         run_key=f"drift-{window_key}",
+        run_config=loop_settings.retrain_run_config(),
         tags={"llmops/trigger": "drift", "llmops/drift": json.dumps(
             {"statistic": round(result.statistic, 6), "threshold": round(result.threshold, 6),
              "p_value": round(result.p_value, 4)})},

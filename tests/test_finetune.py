@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 
 from assets.dataset import raw_examples, validated_dataset
 from assets.prompts import prompt_set
@@ -134,3 +135,42 @@ def test_the_same_seed_gives_the_same_adapter_bytes(stage, tmp_path):
     assert weights(again / "adapter") == weights(meta["adapter_path"])
     assert read_history(again / "metrics.jsonl")[-1]["loss"] == read_history(
         Path(meta["path"]) / "metrics.jsonl")[-1]["loss"]
+
+
+def test_a_warm_start_continues_from_the_production_adapter(stage, resources):
+    """With production trained on other data (same base model and LoRA shape), warm_start starts
+    the LoRA weights from production's adapter for warm_start_steps: a new version whose first
+    step's loss is near where production ended, not where a fresh init starts. On production's
+    own data it is a fresh init that reproduces production's version."""
+    from llmops_dagster.governance import registry
+
+    cold = stage()
+    assert cold.success, failure_message(cold)
+    production = metadata(cold)
+    assert production["warm_start_from"] == "fresh LoRA init"
+    engine = resources["database"].engine()
+    register = {"version": production["version"], "prompt_set_version": production["prompt_set_version"],
+                "base_model_version": production["base_model_version"], "checkpoint_path": "-",
+                "adapter_path": production["adapter_path"],
+                "merged_model_path": production["merged_model_path"],
+                "train_config": json.loads(Path(production["train_config"]).read_text()),
+                "eval_report_id": None}
+    registry.register_candidate(engine, dataset_version=production["dataset_version"], **register)
+    registry.promote(engine, production["version"], actor="test", reason="setup")
+
+    same_data = stage(warm_start=True, warm_start_steps=4)
+    assert metadata(same_data)["version"] == production["version"]  # reproduced, not trained further
+
+    # Production as if trained on an older dataset: this run's data is new to it.
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE model_versions SET dataset_version = 'older' WHERE version = :v"),
+                           {"v": production["version"]})
+    warm = stage(warm_start=True, warm_start_steps=4)
+    assert warm.success, failure_message(warm)
+    continued = metadata(warm)
+    assert continued["warm_start_from"] == production["version"]
+    assert continued["version"] != production["version"] and continued["global_step"] == 4
+    cold_history = read_history(Path(production["path"]) / "metrics.jsonl")
+    warm_history = read_history(Path(continued["path"]) / "metrics.jsonl")
+    assert warm_history[0]["loss"] < (cold_history[0]["loss"] + cold_history[-1]["loss"]) / 2, (
+        warm_history[0], cold_history[0], cold_history[-1])

@@ -44,6 +44,9 @@ class RunConfig(FinetuneSettings):
     deepspeed_config: dict
     eval_file: str | None = None
     lineage: dict = field(default_factory=dict)  # dataset / prompt-set / base-model versions
+    # An adapter folder (a fine-tune of the same base model, same LoRA settings) the LoRA weights
+    # start from: a retrain continues where production is. None: a fresh LoRA init.
+    init_adapter: str | None = None
 
     @property
     def micro_batch(self) -> int:

@@ -192,6 +192,12 @@ def train(config: RunConfig) -> None:
         task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout, target_modules=config.target_modules,
         modules_to_save=config.modules_to_save or None))
+    if config.init_adapter:  # a warm start; a resumed checkpoint below overrides it anyway
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(config.init_adapter, device="cpu"))
+        reporter.log.info(f"LoRA weights start from {config.init_adapter} (warm start)")
     data = encode_examples(config.train_file, tokenizer, config.seq_len)
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
