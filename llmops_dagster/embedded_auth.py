@@ -43,6 +43,11 @@ def passfile(data_dir: Path, role: str) -> Path:
     return secrets_dir(data_dir) / f"{data_dir.name}-{role}.pgpass"
 
 
+def password(data_dir: Path, role: str) -> str:
+    """The password in `role`'s password file (for a client that cannot read a password file)."""
+    return passfile(data_dir, role).read_text().split(":")[4].strip()
+
+
 def role_url(socket_dir: str, data_dir: Path, role: str, database: str) -> str:
     """A psycopg2 URL for `role` on `database` of the embedded server: no password in it."""
     return (f"postgresql+psycopg2://{role}@/{database}?host={quote(str(socket_dir))}"

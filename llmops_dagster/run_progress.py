@@ -10,8 +10,8 @@ the terminal, on a copy of the original stdout:
     [   8.6 s] validated_dataset: 2400 rows validated: 2400 accepted, 0 quarantined
     [   8.7 s] validated_dataset done in 1.4 s
 
-A step's progress is what it logs with a message beginning "progress:" (`context.log.info`),
-plus the fine-tune's "step N/M ..." lines, which its rank 0 logs through Dagster Pipes. A message
+A step's progress is what it logs with a message beginning "progress:" (`context.log.info`; the
+fine-tune's rank 0 logs its "progress: step N/M ..." lines through Dagster Pipes). A message
 that counts "N/M" is shown each time N reaches a further tenth of M, so a step prints about ten
 such lines, however often it logs them. Warnings and errors a step logs are shown as they come.
 """
@@ -34,8 +34,6 @@ from typing import Any, TextIO
 import dagster as dg
 
 PROGRESS_PREFIX = "progress:"
-# The fine-tune's step lines, logged by rank 0 through Dagster Pipes (train_lora.flush_metrics).
-TRAINING_STEP = re.compile(r"^step \d+/\d+\b")
 FRACTION = re.compile(r"\b(\d+)/(\d+)\b")
 QUALIFIED_CLASS = re.compile(r"^[\w.]+\.(\w+): ")  # "dagster._core.definitions.events.Failure: "
 TENTHS = 10  # a counted message is shown at each tenth of its total
@@ -111,12 +109,9 @@ class ProgressPrinter:
         where = step or "run"
         if level >= logging.WARNING:
             return f"{where}: {logging.getLevelName(level)}: {_first_line(message)}"
-        if message.startswith(PROGRESS_PREFIX):
-            text = message[len(PROGRESS_PREFIX):].strip()
-        elif TRAINING_STEP.match(message):
-            text = message
-        else:
+        if not message.startswith(PROGRESS_PREFIX):
             return None
+        text = message[len(PROGRESS_PREFIX):].strip()
         return f"{where}: {text}" if self._due(step, text) else None
 
     def _due(self, step: str | None, text: str) -> bool:

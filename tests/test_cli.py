@@ -105,7 +105,7 @@ def test_database_urls_are_printed_without_their_password(fresh_database, dagste
 
     def with_password(variable: str, role: str) -> str:
         url = sa.engine.make_url(os.environ[variable])
-        password = embedded_auth.passfile(data_dir, role).read_text().split(":")[4].strip()
+        password = embedded_auth.password(data_dir, role)
         monkeypatch.setenv(variable, url.set(password=password, query={"host": url.query["host"]})
                            .render_as_string(hide_password=False))
         return password

@@ -156,7 +156,7 @@ def test_the_embedded_server_asks_every_connection_for_a_password(platform_db):
         passfile = embedded_auth.passfile(data_dir, role)
         assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
         assert passfile.read_text().split(":")[3] == role
-        assert passfile.read_text().split(":")[4].strip() not in platform_db.admin_url()
+        assert embedded_auth.password(data_dir, role) not in platform_db.admin_url()
     assert "passfile=" in platform_db.url() and "@/" in platform_db.url()  # role@, no :password@
 
 
@@ -189,8 +189,8 @@ def test_no_password_reaches_the_environment_dagster_gets(platform_db, tmp_path,
     environment = prepare_dagster_home(platform_db)
     url = sa.engine.make_url(environment["LLMOPS_DAGSTER_DATABASE_URL"])
     assert url.password is None and url.username == database_roles.APP
-    passwords = [embedded_auth.passfile(platform_db._data_dir().resolve(), role).read_text().split(":")[4]
-                 .strip() for role in database_roles.ROLES]
+    passwords = [embedded_auth.password(platform_db._data_dir().resolve(), role)
+                 for role in database_roles.ROLES]
     assert not [p for p in passwords if p in repr(environment) or p in repr(dict(os.environ))]
 
 

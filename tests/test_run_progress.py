@@ -30,7 +30,7 @@ def rows(context: dg.AssetExecutionContext) -> int:
 def model(context: dg.AssetExecutionContext) -> int:
     context.log.info("progress: fine-tune abc: 800 steps on 2 ranks")
     for step in range(10, 801, 10):  # as the fine-tune's rank 0 logs them through Pipes
-        context.log.info(f"step {step}/800 loss 1.0000 lr 1.00e-04 100 tokens/s")
+        context.log.info(f"progress: step {step}/800 loss 1.0000 lr 1.00e-04 100 tokens/s")
     context.log.warning("the feedback budget was passed")
     return 1
 

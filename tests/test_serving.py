@@ -77,8 +77,7 @@ def test_no_database_password_reaches_rays_gcs(served_model, monkeypatch, llmops
     from tests.conftest import UNLIMITED
 
     url = sa.engine.make_url(os.environ["LLMOPS_SERVING_DATABASE_URL"])
-    passfile = embedded_auth.passfile(Path(llmops_home).resolve() / "pg", SERVING)
-    secret = passfile.read_text().split(":")[4].strip()
+    secret = embedded_auth.password(Path(llmops_home).resolve() / "pg", SERVING)
     monkeypatch.setenv("LLMOPS_SERVING_DATABASE_URL", url.set(
         password=secret, query={"host": url.query["host"]}).render_as_string(hide_password=False))
     result = dg.materialize([serving_deployment], resources=served_model["resources"],

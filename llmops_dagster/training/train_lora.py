@@ -115,7 +115,7 @@ def flush_metrics(pending: list[list[float]], world: int, rank: int, attempt: st
                       "tokens": int(tokens), "tokens_per_s": tokens / seconds, "seconds": seconds}
             handle.write(json.dumps(record) + "\n")
             reporter.metric(record)
-    reporter.log.info(f"step {record['step']}/{max_steps} loss {record['loss']:.4f} "
+    reporter.log.info(f"progress: step {record['step']}/{max_steps} loss {record['loss']:.4f} "
                       f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tokens/s")
 
 
