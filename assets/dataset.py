@@ -1,6 +1,9 @@
 """Dataset stage: raw examples in, validated dataset and its drift reference embeddings out."""
 
+import hashlib
+import json
 import time
+from dataclasses import asdict
 
 import dagster as dg
 from pydantic import Field
@@ -8,25 +11,48 @@ from pydantic import Field
 from assets.feedback import feedback_table
 from llmops_dagster.dataset import dataset_store, embeddings
 from llmops_dagster.dataset.eda import profile_examples
-from llmops_dagster.dataset.raw_data import SYNTHETIC, load_snapshot, snapshot_source
+from llmops_dagster.dataset.formats import FORMATS, ColumnMapping, FormatError
+from llmops_dagster.dataset.raw_data import SYNTHETIC, load_examples, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
 from llmops_dagster.feedback import curation
 from llmops_dagster.lineage import stage_definition, upstream_metadata
+from llmops_dagster.prompts.rendering import embedding_text
 from llmops_dagster.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 
 QUARANTINE_CHECK = "quarantine_within_threshold"
+DEFAULT_READING = {"format": "auto", "columns": asdict(ColumnMapping())}
 FEEDBACK_CHECK = "feedback_quarantine_within_budget"
+
+
+class ColumnsConfig(dg.Config):
+    """Which source column holds each part of an example (see formats.ColumnMapping)."""
+
+    prompt: str = declared(ColumnMapping, "prompt")
+    response: str = declared(ColumnMapping, "response")
+    slice: str = declared(ColumnMapping, "slice")
+    split: str = declared(ColumnMapping, "split")
+    messages: str = declared(ColumnMapping, "messages")
+
+    def mapping(self) -> ColumnMapping:
+        return ColumnMapping(**self.model_dump())
 
 
 class RawExamplesConfig(dg.Config):
     source: str = Field(
         default=SYNTHETIC,
-        description="A JSONL, CSV or Parquet file or a saved `datasets` folder; 'synthetic' for "
-        "the built-in customer-support set.",
+        description="A JSONL, CSV or Parquet file, a folder of such files named by split "
+        "(train.jsonl, test.jsonl, ...) or a saved `datasets` folder (its splits kept); "
+        "'synthetic' for the built-in customer-support set.",
     )
+    format: str = Field(
+        default="auto", description=f"One of {', '.join(FORMATS)}: 'columns' (any columns, mapped "
+        "below), 'chat' ({'messages': [{'role', 'content'}, ...]}: the last assistant turn is the "
+        "target), 'instruction' (instruction, input, output); 'auto' picks by the columns present.")
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig,
+                                   description="Source column of each part of an example.")
     synthetic_rows: int = Field(default=2400, description="Rows of the synthetic set.")
     seed: int = Field(default=7, description="Seed of the synthetic set.")
 
@@ -41,17 +67,30 @@ def raw_examples(config: RawExamplesConfig, artifacts: ArtifactStore) -> dg.Mate
 
     input_hash, folder = artifacts.write_content_addressed("raw", write)
     snapshot_path = folder / snapshot["path"].name
-    frame = load_snapshot(snapshot_path)
+    mapping = config.columns.mapping()
+    try:
+        frame = load_examples(snapshot_path, config.format, mapping)
+    except FormatError as error:
+        raise dg.Failure(description=str(error)) from error
     profile = profile_examples(frame)
+    # The version covers how the bytes are read: the same file read in another format or with
+    # other columns is another product.
+    reading = {"format": config.format, "columns": asdict(mapping)}
+    version = input_hash if reading == DEFAULT_READING else hashlib.sha256(
+        f"{input_hash}:{json.dumps(reading, sort_keys=True)}".encode()).hexdigest()
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(input_hash),
+        data_version=dg.DataVersion(version),
         metadata={
             "source": config.source,
             "input_hash": input_hash,
+            "format": config.format,
+            "format_read": frame.attrs["format"],
+            "columns": dg.MetadataValue.json(asdict(mapping)),
+            "example_columns_from": dg.MetadataValue.json(frame.attrs["origins"]),
             "snapshot_path": dg.MetadataValue.path(str(snapshot_path)),
             "dagster/row_count": len(frame),
             "duplicate_rows": profile.duplicate_rows,
-            "intents": len(profile.intents),
+            "slices": len(profile.slices),
             "eda_profile": dg.MetadataValue.md(profile.markdown()),
         },
     )
@@ -109,7 +148,8 @@ def validated_dataset(
     """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
     raw = upstream_metadata(context, raw_examples)
     engine = database.engine()
-    snapshot = load_snapshot(raw["snapshot_path"])
+    snapshot = load_examples(raw["snapshot_path"], raw.get("format", "auto"),
+                             ColumnMapping(**raw.get("columns", {})))
     corrections = curation.correction_examples(engine, max_rows=config.max_feedback_rows)
     frame = dataset_store.with_feedback_examples(snapshot, corrections)
     report = validate_examples(frame, config.rules())
@@ -184,8 +224,13 @@ def dataset_embeddings(
     before = embeddings.stored_rows(engine, dataset["version"])
     # Prompts an earlier version embedded with this model keep their vectors (a retrain adds a
     # few feedback rows to the same prompts); only the others go through the model.
+    # What is embedded for each example: the user's message (rendering.embedding_text, as the
+    # drift sensor embeds each served request).
+    contexts = train["context"] if "context" in train else [None] * len(train)
+    train = train.assign(_embedded=[embedding_text(p, c) for p, c in zip(train["prompt"], contexts,
+                                                                         strict=True)])
     stored = embeddings.reuse_embeddings(engine, dataset["version"], embedder.identity(),
-                                         train["_row_number"].tolist(), train["prompt"].tolist())
+                                         train["_row_number"].tolist(), train["_embedded"].tolist())
     reused = len(stored) - before
     missing = train[~train["_row_number"].isin(stored)]
     embedding_s = 0.0
@@ -193,10 +238,10 @@ def dataset_embeddings(
         context.log.info(f"progress: embedding {len(missing)} of {len(train)} training prompts "
                          f"({before} stored already, {reused} reused from earlier versions)")
         started = time.perf_counter()
-        vectors = embedder.embed(missing["prompt"].tolist())
+        vectors = embedder.embed(missing["_embedded"].tolist())
         embedding_s = time.perf_counter() - started
         embeddings.store_embeddings(
-            engine, dataset["version"], missing["_row_number"].tolist(), missing["prompt"].tolist(),
+            engine, dataset["version"], missing["_row_number"].tolist(), missing["_embedded"].tolist(),
             vectors, embedder.identity(),
         )
     after = embeddings.stored_rows(engine, dataset["version"])

@@ -107,7 +107,7 @@ def eval_report(
             "feedback_slice_metrics": dg.MetadataValue.md(
                 scoring.metrics_markdown(feedback_metrics) if feedback_metrics
                 else "No feedback-derived examples in the eval split."),
-            "token_f1_per_intent": dg.MetadataValue.md(scoring.slices_markdown(slices)),
+            "token_f1_per_slice": dg.MetadataValue.md(scoring.slices_markdown(slices)),
             "plot": dg.MetadataValue.md(scoring.slices_plot_markdown(slices)),
         },
     )

@@ -6,40 +6,58 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from assets.base_model import base_model
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
 from llmops_dagster.lineage import stage_definition, upstream_metadata
-from llmops_dagster.prompts import templates
+from llmops_dagster.prompts import rendering, templates
 from llmops_dagster.settings import PROMPTS_DIR
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 
 
 class PromptSetConfig(dg.Config):
+    rendering: str = Field(
+        default="auto",
+        description="'auto': the base model's chat template when its tokenizer has one, else the "
+        "template below; 'chat_template': the base model's (an error when it has none); "
+        "'template': the template below whatever the base model has.",
+    )
     template: str = Field(
-        default="customer_support.v1", description="Template file in prompts/, without .jinja."
+        default="customer_support.v1", description="Template file in prompts/, without .jinja "
+        "(variables: prompt, messages, system)."
     )
     prompts_dir: str = Field(default="", description="Template folder; empty means prompts/.")
 
 
-@dg.asset(**stage_definition("prompts"), deps=[validated_dataset], kinds={"jinja"})
+@dg.asset(**stage_definition("prompts"), deps=[validated_dataset, base_model], kinds={"jinja"})
 def prompt_set(
     context: dg.AssetExecutionContext,
     config: PromptSetConfig,
     database: PostgresResource,
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
-    """Train and eval records rendered from a versioned prompt template over the validated dataset."""
+    """Train and eval records: the validated dataset's conversations rendered by the base model's
+    chat template or a versioned prompt template."""
+    from transformers import AutoTokenizer
+
     dataset = upstream_metadata(context, validated_dataset)
-    template = templates.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
-    version = templates.prompt_set_version(template, dataset["version"])
-    records = templates.render_records(template, dataset_store.read_accepted(dataset["path"]))
+    base = upstream_metadata(context, base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base["path"])
+    try:
+        template = templates.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
+        renderer = rendering.choose_renderer(config.rendering, tokenizer, template)
+        records = templates.render_records(renderer, dataset_store.read_accepted(dataset["path"]),
+                                           tokenizer)
+    except rendering.RenderingError as error:
+        raise dg.Failure(description=str(error)) from error
+    version = templates.prompt_set_version(renderer, dataset["version"])
     folder = artifacts.write_version(
-        "prompt_sets", version, lambda d: templates.write_prompt_set(d, records, template)
+        "prompt_sets", version, lambda d: templates.write_prompt_set(d, records, renderer)
     )
     counts = records["split"].value_counts()
     templates.record_prompt_set_version(
-        database.engine(), version, dataset["version"], template, folder,
+        database.engine(), version, dataset["version"], renderer, folder,
         int(counts.get("train", 0)), int(counts.get("eval", 0)),
     )
     sample = records.head(3)[["prompt", "completion", "split"]]
@@ -48,9 +66,11 @@ def prompt_set(
         metadata={
             "version": version,
             "dataset_version": dataset["version"],
-            "template": template.name,
-            "template_sha": template.sha,
-            "template_text": dg.MetadataValue.md(f"```jinja\n{template.text}\n```"),
+            "base_model_version": base["version"],
+            "rendering": renderer.kind,
+            "template": renderer.name,
+            "template_sha": renderer.sha,
+            "template_text": dg.MetadataValue.md(f"```jinja\n{renderer.text}\n```"),
             "path": dg.MetadataValue.path(str(folder)),
             "train_rows": int(counts.get("train", 0)),
             "eval_rows": int(counts.get("eval", 0)),

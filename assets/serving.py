@@ -1,6 +1,7 @@
 """Serving stage: the production model behind HTTP on Ray Serve."""
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import dagster as dg
@@ -13,6 +14,7 @@ from llmops_dagster.database import redacted
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
 from llmops_dagster.loop import signals
+from llmops_dagster.prompts.rendering import load_renderer
 from llmops_dagster.serving import credentials
 from llmops_dagster.serving.app import ServingConfig
 from llmops_dagster.settings import declared
@@ -68,16 +70,16 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
 
 def _serving_config(engine, version: registry.ModelVersion, database_url_file: str, database_name: str,
                     config: ServingDeploymentConfig) -> ServingConfig:
-    """What a replica needs for `version`: its merged model and the prompt template it learned."""
+    """What a replica needs for `version`: its merged model and how its prompts were rendered."""
     with engine.connect() as connection:
         prompt_set = connection.execute(
             sa.text("SELECT path, template_name FROM prompt_set_versions WHERE version = :v"),
             {"v": version.prompt_set_version}).one()
-    template = (Path(prompt_set.path) / f"{prompt_set.template_name}.jinja").read_text()
+    renderer = load_renderer(Path(prompt_set.path), prompt_set.template_name)
     return ServingConfig(
         model_version=version.version,
         model_path=version.merged_model_path,
-        prompt_template=template,
+        prompt_renderer=asdict(renderer),
         database_url_file=database_url_file,
         database=database_name,
         lineage={"dataset_version": version.dataset_version,

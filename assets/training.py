@@ -1,4 +1,4 @@
-"""Fine-tuning stage: the base model, and a DeepSpeed LoRA fine-tune of it on the prompt set."""
+"""Fine-tuning stage: a DeepSpeed LoRA fine-tune of the base model on the prompt set."""
 
 import json
 from pathlib import Path
@@ -6,78 +6,26 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from assets.base_model import SCRATCH, BaseModelConfig, base_model  # noqa: F401 (the stage's assets)
 from assets.prompts import prompt_set
 from llmops_dagster.governance import registry
 from llmops_dagster.instance import TRAINER_POOL
 from llmops_dagster.lineage import lineage_metadata, stage_definition, upstream_metadata
-from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
+from llmops_dagster.prompts.templates import SPLIT_FILES
 from llmops_dagster.settings import declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
-from llmops_dagster.training.base_model import ScratchModelSpec
 from llmops_dagster.training.plots import loss_curve_markdown
-from llmops_dagster.training.run_config import FinetuneSettings, RunConfig, read_history, write_run_config
+from llmops_dagster.training.run_config import (
+    DEFAULTS_BY_KIND,
+    FinetuneSettings,
+    RunConfig,
+    read_history,
+    write_run_config,
+)
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.trainer import TrainerResource
-
-SCRATCH = "scratch"
-
-
-class BaseModelConfig(dg.Config):
-    source: str = Field(
-        default=SCRATCH,
-        description="'scratch' builds a small Llama from the sizes below with a BPE tokenizer "
-        "trained on the training split; otherwise a local Hugging Face folder or model id.",
-    )
-    vocab_size: int = declared(ScratchModelSpec, "vocab_size")
-    hidden_size: int = declared(ScratchModelSpec, "hidden_size")
-    intermediate_size: int = declared(ScratchModelSpec, "intermediate_size")
-    num_hidden_layers: int = declared(ScratchModelSpec, "num_hidden_layers")
-    num_attention_heads: int = declared(ScratchModelSpec, "num_attention_heads")
-    max_position_embeddings: int = declared(ScratchModelSpec, "max_position_embeddings")
-    seed: int = declared(ScratchModelSpec, "seed")
-
-    def spec(self) -> ScratchModelSpec:
-        fields = ScratchModelSpec.__dataclass_fields__
-        return ScratchModelSpec(**{name: getattr(self, name) for name in fields})
-
-
-@dg.asset(**stage_definition("training"), deps=[prompt_set], kinds={"transformers"})
-def base_model(
-    context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
-) -> dg.MaterializeResult:
-    """The causal LM to fine-tune, as a Hugging Face folder loadable with from_pretrained."""
-    prompts = upstream_metadata(context, prompt_set)
-    if config.source == SCRATCH:
-        train_file = Path(prompts["path"]) / SPLIT_FILES["train"]
-        # The tokenizer learns from the source's training rows only: feedback rows change with every
-        # retrain, and a base model (its vocabulary) that changed with them would make each retrain
-        # start over from a new random model, where it can continue from production's adapter.
-        records = [r for r in read_records(train_file) if r.get("feedback_id") is None]
-        texts = [r["prompt"] + r["completion"] for r in records]
-        version, folder = artifacts.write_content_addressed(
-            "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)
-        )
-        path = str(folder)
-    else:
-        try:
-            base_models.check_loadable(config.source)
-        except base_models.BaseModelError as error:
-            raise dg.Failure(description=str(error)) from error
-        path = config.source
-        version = launch.run_version({"source": config.source})
-    description = base_models.describe(path)
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(version),
-        metadata={
-            "version": version,
-            "path": dg.MetadataValue.path(path),
-            "source": config.source,
-            "tokenizer_trained_on": prompts["version"] if config.source == SCRATCH else "-",
-            **description,
-        },
-    )
 
 
 class FinetuneConfig(dg.Config):
@@ -89,7 +37,9 @@ class FinetuneConfig(dg.Config):
     micro_batch_size: int | None = Field(default=None, description="Override: examples a rank a micro step.")
     gradient_accumulation_steps: int | None = Field(default=None, description="Override.")
     precision: str | None = Field(default=None, description="Override: fp32, bf16 or fp16.")
-    learning_rate: float | None = Field(default=None, description="Override: peak learning rate.")
+    learning_rate: float | None = Field(default=None, description="Override: peak learning rate; "
+                                        "unset: the DeepSpeed file's for the scratch model, 1e-3 for a "
+                                        "pretrained one.")
     max_steps: int = declared(FinetuneSettings, "max_steps")
     checkpoint_every: int = declared(FinetuneSettings, "checkpoint_every")
     seq_len: int = declared(FinetuneSettings, "seq_len")
@@ -97,7 +47,7 @@ class FinetuneConfig(dg.Config):
     lora_alpha: int = declared(FinetuneSettings, "lora_alpha")
     lora_dropout: float = declared(FinetuneSettings, "lora_dropout")
     target_modules: list[str] = declared(FinetuneSettings, "target_modules")
-    modules_to_save: list[str] = declared(FinetuneSettings, "modules_to_save")
+    modules_to_save: list[str] | None = declared(FinetuneSettings, "modules_to_save")
     seed: int = declared(FinetuneSettings, "seed")
     warm_start: bool = Field(
         default=False,
@@ -113,6 +63,16 @@ class FinetuneConfig(dg.Config):
         description="Peak dense TFLOP/s of all ranks together (e.g. 989 for one H200 in bf16), "
         "for model FLOPs utilization; None reports achieved TFLOP/s only.",
     )
+
+    def for_base(self, kind: str) -> "FinetuneConfig":
+        """These settings with the ones left unset chosen by the base model's kind (scratch or
+        pretrained: run_config.DEFAULTS_BY_KIND)."""
+        defaults = DEFAULTS_BY_KIND[kind]
+        return self.model_copy(update={
+            "modules_to_save": (defaults["modules_to_save"] if self.modules_to_save is None
+                                else self.modules_to_save),
+            "learning_rate": (defaults["learning_rate"] if self.learning_rate is None
+                              else self.learning_rate)})
 
     def overrides(self) -> launch.DeepSpeedOverrides:
         return launch.DeepSpeedOverrides(
@@ -155,6 +115,7 @@ def finetuned_checkpoint(
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
     prompts = upstream_metadata(context, prompt_set)
     base = upstream_metadata(context, base_model)
+    config = config.for_base(base.get("kind", base_models.SCRATCH_KIND))
     warm_from = _warm_start_source(database, base["version"], prompts, config) if config.warm_start else None
     if config.warm_start:
         context.log.info(f"progress: warm start from {warm_from.version}'s adapter, "

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets import dataset, evaluation, feedback, governance, prompts, serving, training
+from assets import base_model, dataset, evaluation, feedback, governance, prompts, serving, training
 from llmops_dagster.serving import ray_cluster
 from llmops_dagster.settings import port_from_env
 from resources.artifacts import ArtifactStore
@@ -36,7 +36,7 @@ defs = dg.Definitions(
     # in a per-step executor (dagster-k8s's k8s_job_executor) here.
     executor=dg.in_process_executor,
     assets=dg.load_assets_from_modules(
-        [dataset, prompts, training, evaluation, governance, serving, feedback]
+        [dataset, base_model, prompts, training, evaluation, governance, serving, feedback]
     ),
     jobs=[main_job, retrain_job, deploy_job, rollback_job],
     schedules=[nightly_retrain_schedule()],

@@ -9,11 +9,17 @@ greedy answer it gets alone.
 from __future__ import annotations
 
 
+def with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """`ids` led by BOS when the tokenizer has one, unless the text brought it (a chat template
+    that writes {{ bos_token }})."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
 def prompt_ids(tokenizer, text: str, seq_len: int) -> list[int]:
     """The token ids a prompt is answered from: BOS (when the tokenizer has one) and the text,
     cut from the left to leave room for one generated token within `seq_len`."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return (bos + tokenizer(text, add_special_tokens=False)["input_ids"])[-(seq_len - 1):]
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])[-(seq_len - 1):]
 
 
 def greedy_batch(model, tokenizer, ids: list[list[int]], max_new_tokens: list[int]) -> list[str]:

@@ -6,11 +6,12 @@ import json
 import dagster as dg
 import sqlalchemy as sa
 
+from assets.base_model import base_model
 from assets.dataset import dataset_embeddings, raw_examples, validated_dataset
 from assets.prompts import prompt_set
 from llmops_dagster.dataset.synthetic_data import generate_examples
 
-DATA_STAGE = [raw_examples, validated_dataset, prompt_set, dataset_embeddings]
+DATA_STAGE = [raw_examples, validated_dataset, base_model, prompt_set, dataset_embeddings]
 
 
 def materialize(resources, instance, source="synthetic", rows=300, selection=None):

@@ -11,6 +11,7 @@ from llmops_dagster.evaluation import scoring
 from llmops_dagster.evaluation.scoring import exact_match, paired_bootstrap, token_f1
 from llmops_dagster.governance.policy import Policy, judge
 from llmops_dagster.prompts import templates
+from llmops_dagster.prompts.rendering import TEMPLATE, PromptRenderer
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,7 @@ def accepted(feedback_ids) -> pd.DataFrame:
     frame = pd.DataFrame({
         "prompt": ["where is A1?", "where is A2?", "cancel A3"],
         "response": ["It ships today.", "It shipped.", "Cancelled."],
-        "intent": ["order_status", "order_status", "feedback_correction"],
+        "slice": ["order_status", "order_status", "feedback_correction"],
         "split": ["eval", "eval", "eval"],
         "_row_number": [1, 2, 3],
     })
@@ -109,7 +110,7 @@ def accepted(feedback_ids) -> pd.DataFrame:
     ids=["mixed", "no column", "all trusted"],
 )
 def test_prompt_set_records_carry_the_feedback_id_as_int_or_null(tmp_path, feedback_ids, written):
-    template = templates.PromptTemplate(name="t", text="Customer: {{ prompt }}\nAssistant:")
+    template = PromptRenderer(kind=TEMPLATE, name="t", text="Customer: {{ prompt }}\nAssistant:")
     records = templates.render_records(template, accepted(feedback_ids))
     templates.write_prompt_set(tmp_path, records, template)
     text = (tmp_path / "eval.jsonl").read_text(encoding="utf-8")
@@ -139,7 +140,7 @@ def test_evaluate_scores_the_feedback_slice_apart_and_the_loss_on_the_scored_rec
     def record(i: int, feedback_id: int | None) -> dict:
         answer = f" order A{10000 + i} ships today." if feedback_id is None else " Refunds take 5 days."
         return {"prompt": f"Customer: where is order A{10000 + i}? Assistant:", "completion": answer,
-                "intent": "order_status", "source_row": i, "feedback_id": feedback_id}
+                "slice": "order_status", "source_row": i, "feedback_id": feedback_id}
 
     # Feedback records first: a prefix of the file is not the trusted records.
     records = [record(i, 500 + i) for i in range(3)] + [record(i, None) for i in range(3, 8)]
@@ -168,7 +169,7 @@ def test_batched_scoring_gives_the_answers_of_one_at_a_time(tiny_model):
     """Prompts of many lengths, left-padded in batches of 8 (sorted by length, then put back in
     record order): every greedy answer equals the one the model gives the prompt alone."""
     records = [{"prompt": f"Customer: {'please ' * (i % 9)}where is order A{10000 + i}? Assistant:",
-                "completion": f" order A{10000 + i} ships today.", "intent": "order_status"}
+                "completion": f" order A{10000 + i} ships today.", "slice": "order_status"}
                for i in range(40)]
     import torch
 

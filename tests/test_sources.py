@@ -6,8 +6,8 @@ import pytest
 from llmops_dagster.dataset.sources import SourceError, read_source
 
 ROWS = [
-    {"prompt": "Where is order A10001?", "response": "On its way.", "intent": "order_status"},
-    {"prompt": "Reset my hub", "response": "Hold the button.", "intent": "reset_device"},
+    {"prompt": "Where is order A10001?", "response": "On its way.", "slice": "order_status"},
+    {"prompt": "Reset my hub", "response": "Hold the button.", "slice": "reset_device"},
 ]
 
 

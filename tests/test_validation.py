@@ -25,7 +25,7 @@ def frame_of(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
-GOOD = {"prompt": "Where is my order A12345?", "response": "It ships today.", "intent": "order_status"}
+GOOD = {"prompt": "Where is my order A12345?", "response": "It ships today.", "slice": "order_status"}
 
 
 @pytest.mark.parametrize(
@@ -60,8 +60,8 @@ def test_duplicates_keep_the_first_and_leakage_quarantines_the_eval_copy():
     rows = [
         GOOD | {"split": "train"},
         GOOD | {"split": "train"},
-        {"prompt": "Reset my hub", "response": "Hold 10 s.", "intent": "reset", "split": "train"},
-        {"prompt": "reset  MY hub", "response": "Hold it.", "intent": "reset", "split": "eval"},
+        {"prompt": "Reset my hub", "response": "Hold 10 s.", "slice": "reset", "split": "train"},
+        {"prompt": "reset  MY hub", "response": "Hold it.", "slice": "reset", "split": "eval"},
     ]
     report = validate_examples(frame_of(rows))
     reasons = dict(zip(report.quarantined["row_number"], report.quarantined["reasons"], strict=True))
@@ -73,7 +73,7 @@ def test_duplicates_keep_the_first_and_leakage_quarantines_the_eval_copy():
 
 
 def test_missing_required_column_quarantines_every_row_naming_it():
-    frame = frame_of([{"prompt": "hi there", "intent": "greet"}] * 3)
+    frame = frame_of([{"prompt": "hi there", "slice": "greet"}] * 3)
     report = validate_examples(frame)
     assert report.missing_columns == ["response"]
     assert report.rows_accepted == 0 and report.rows_quarantined == 3
@@ -107,7 +107,7 @@ def test_unreadable_rows_keep_their_original_bytes(tmp_path):
     path.write_bytes(
         json.dumps(GOOD).encode()
         + b"\n{broken\n"
-        + b'{"prompt": "caf\xe9", "response": "x", "intent": "a"}\n'
+        + b'{"prompt": "caf\xe9", "response": "x", "slice": "a"}\n'
     )
     report = validate_examples(read_source(path))
     by_row = {r.row_number: r for r in report.quarantined.itertuples()}

@@ -20,19 +20,23 @@ FEEDBACK_SOURCE = "feedback"  # quarantine key of feedback examples: (feedback, 
 
 def with_feedback_examples(raw: pd.DataFrame, corrections: pd.DataFrame) -> pd.DataFrame:
     """The raw rows followed by people's corrections as examples (prompt, corrected response,
-    intent), numbered after the raw rows and carrying their feedback_id for lineage."""
+    the earlier turns when the answer was part of a conversation, slice), numbered after the raw
+    rows and carrying their feedback_id for lineage."""
     if corrections.empty:
         return raw
     extra = pd.DataFrame({
         "prompt": corrections["prompt"].to_numpy(),
         "response": corrections["response"].to_numpy(),
-        "intent": corrections["intent"].to_numpy(),
+        "context": corrections["context"].to_numpy() if "context" in corrections else None,
+        "slice": corrections["slice"].to_numpy(),
         "feedback_id": corrections["feedback_id"].astype("Int64").to_numpy(),
         "_row_number": range(len(raw) + 1, len(raw) + len(corrections) + 1),
         "_parse_error": None,
         "_utf8_error": None,
     })
-    return pd.concat([raw, extra], ignore_index=True)
+    combined = pd.concat([raw, extra], ignore_index=True)
+    combined.attrs = raw.attrs  # the source's format and columns (see formats.to_examples)
+    return combined
 
 
 def save_quarantine(engine: sa.Engine, report: ValidationReport, input_hash: str, source: str,

@@ -1,4 +1,4 @@
-"""An exploratory profile of raw examples: size, nulls, token lengths, duplicates, intents."""
+"""An exploratory profile of raw examples: size, nulls, token lengths, duplicates, slices."""
 
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ class Profile:
     nulls: dict[str, int]
     tokens: pd.DataFrame  # per text column: count, mean, p50, p95, max (tokens)
     duplicate_rows: int  # rows equal to an earlier row in every source column
-    intents: dict[str, int]
+    slices: dict[str, int]
     plot_markdown: str
 
     def markdown(self) -> str:
         nulls = "\n".join(f"| {c} | {n} |" for c, n in self.nulls.items())
-        intents = "\n".join(f"| {i} | {n} |" for i, n in self.intents.items())
+        slices = "\n".join(f"| {i} | {n} |" for i, n in self.slices.items())
         return (
             f"**{self.rows} rows, {self.duplicate_rows} exact duplicates**\n\n"
             f"| column | nulls |\n|---|---|\n{nulls}\n\n"
             f"Length in tokens\n\n{self.tokens.to_markdown()}\n\n"
-            f"| intent | rows |\n|---|---|\n{intents}\n\n{self.plot_markdown}"
+            f"| slice | rows |\n|---|---|\n{slices}\n\n{self.plot_markdown}"
         )
 
 
@@ -52,8 +52,8 @@ def profile_examples(frame: pd.DataFrame, text_columns: tuple[str, ...] = ("prom
             for c, s in token_counts.items()
         }
     ).T
-    intents = (
-        frame["intent"].astype(str).value_counts().to_dict() if "intent" in frame.columns else {}
+    slices = (
+        frame["slice"].astype(str).value_counts().to_dict() if "slice" in frame.columns else {}
     )
     duplicates = int(frame[columns].astype(str).duplicated().sum()) if columns else 0
 
@@ -64,16 +64,16 @@ def profile_examples(frame: pd.DataFrame, text_columns: tuple[str, ...] = ("prom
     axes[0].set_ylabel("rows")
     axes[0].legend()
     axes[0].set_title("Length distribution")
-    if intents:
-        axes[1].barh(list(intents)[:20], list(intents.values())[:20])
+    if slices:
+        axes[1].barh(list(slices)[:20], list(slices.values())[:20])
         axes[1].set_xlabel("rows")
-        axes[1].set_title("Intents")
+        axes[1].set_title("Slices")
     figure.tight_layout()
     return Profile(
         rows=len(frame),
         nulls={c: int(frame[c].isna().sum()) for c in columns},
         tokens=tokens,
         duplicate_rows=duplicates,
-        intents=intents,
-        plot_markdown=figure_markdown(figure, "EDA: token lengths and intents"),
+        slices=slices,
+        plot_markdown=figure_markdown(figure, "EDA: token lengths and slices"),
     )

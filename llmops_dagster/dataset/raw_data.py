@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from llmops_dagster.dataset.formats import ColumnMapping, to_examples
 from llmops_dagster.dataset.sources import SourceError, read_source
 from llmops_dagster.dataset.synthetic_data import generate_examples
 
@@ -40,3 +41,10 @@ def snapshot_source(source: str, dest_dir: Path, n_rows: int, seed: int) -> Path
 
 def load_snapshot(path: str | Path) -> pd.DataFrame:
     return read_source(path)
+
+
+def load_examples(path: str | Path, format: str = "auto", mapping: ColumnMapping | None = None
+                  ) -> pd.DataFrame:
+    """The snapshot's rows as examples (formats.to_examples): the source's own columns, and the
+    prompt, response, context, slice and split read from them in `format`."""
+    return to_examples(read_source(path), format, mapping or ColumnMapping())

@@ -112,20 +112,24 @@ def _with_meta(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_source(source: str | Path) -> pd.DataFrame:
-    """Read a JSONL, CSV or Parquet file, or a folder written by `datasets.save_to_disk`."""
+    """Read a JSONL, CSV or Parquet file; a folder of such files named by split (train.jsonl,
+    test.parquet, train-00000-of-00001.parquet, ...); or a folder written by `datasets`
+    `save_to_disk` (a Dataset, or a DatasetDict whose splits are kept). Rows from several splits
+    carry the split's name in a `split` column (unless they have one of their own) and are
+    numbered on through the splits in the order listed."""
     path = Path(source)
     if not path.exists():
         raise SourceError(f"raw_examples source {str(path)!r} does not exist")
     if path.is_dir():
-        import datasets
+        by_split = split_files(path)
+        if by_split:
+            return _concat_splits({split: pd.concat([read_file(f) for f in files], ignore_index=True)
+                                   for split, files in by_split.items()})
+        return _read_saved_dataset(path)
+    return read_file(path)
 
-        try:
-            return _with_meta(datasets.load_from_disk(str(path)).to_pandas())
-        except FileNotFoundError as error:
-            raise SourceError(
-                f"raw_examples source {str(path)!r} is a folder but not a saved `datasets` "
-                f"dataset ({error})"
-            ) from error
+
+def read_file(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return read_jsonl(path)
@@ -137,6 +141,58 @@ def read_source(source: str | Path) -> pd.DataFrame:
         f"raw_examples source {str(path)!r} has suffix {suffix!r}; "
         f"supported: {', '.join(SUPPORTED_SUFFIXES)} or a `datasets` folder"
     )
+
+
+def split_files(folder: Path) -> dict[str, list[Path]]:
+    """Data files of a folder (or its data/ subfolder, as on the Hugging Face hub) grouped by the
+    split their name starts with; {} when the folder is a saved `datasets` dataset or has none."""
+    from llmops_dagster.dataset.formats import SPLIT_NAMES
+
+    if any((folder / marker).exists() for marker in ("dataset_dict.json", "dataset_info.json",
+                                                     "state.json")):
+        return {}
+    files = [p for base in (folder, folder / "data") if base.is_dir() for p in sorted(base.iterdir())
+             if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES]
+    grouped: dict[str, list[Path]] = {}
+    for file in files:
+        split = file.stem.split("-", 1)[0].split(".", 1)[0].lower()
+        if split not in SPLIT_NAMES:
+            raise SourceError(f"raw_examples source {str(folder)!r}: file {file.name!r} is not named "
+                              f"by a split ({', '.join(sorted(SPLIT_NAMES))}); name each file by its "
+                              "split or point the source at one file")
+        grouped.setdefault(split, []).append(file)
+    return grouped
+
+
+def _read_saved_dataset(path: Path) -> pd.DataFrame:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as error:
+        raise SourceError(
+            f"raw_examples source {str(path)!r} is a folder but neither a saved `datasets` dataset "
+            f"nor data files named by split ({error})"
+        ) from error
+    if isinstance(loaded, datasets.DatasetDict):
+        return _concat_splits({split: _with_meta(part.to_pandas()) for split, part in loaded.items()})
+    return _with_meta(loaded.to_pandas())
+
+
+def _concat_splits(parts: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One frame of every split's rows: `split` set where a row has none, `_row_number` counting on
+    through the splits (the number a quarantine row is kept under)."""
+    frames = []
+    for split, part in parts.items():
+        part = part.copy()
+        if "split" not in part.columns:
+            part["split"] = split
+        else:
+            part["split"] = part["split"].where(part["split"].notna(), split)
+        frames.append(part)
+    frame = pd.concat(frames, ignore_index=True)
+    frame["_row_number"] = range(1, len(frame) + 1)
+    return frame
 
 
 def content_hash_of_path(path: Path) -> str:

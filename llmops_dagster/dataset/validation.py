@@ -19,6 +19,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from llmops_dagster.dataset.formats import EXAMPLE_COLUMNS
+
 # A token, for length bounds before any model tokenizer exists: a run of word characters or one
 # punctuation mark. It counts about 1.3 tokens per English word, close to a BPE tokenizer.
 TOKEN_PATTERN = r"\w+|[^\w\s]"  # nosec B105
@@ -38,7 +40,7 @@ SPLITS = ("train", "eval")
 class ValidationRules:
     """What a valid example is. Token counts use TOKEN_PATTERN."""
 
-    required_columns: tuple[str, ...] = ("prompt", "response", "intent")
+    required_columns: tuple[str, ...] = ("prompt", "response")
     text_columns: tuple[str, ...] = ("prompt", "response")
     min_tokens: int = field(default=1, metadata={"help": "Shortest accepted prompt or response (tokens)."})
     max_prompt_tokens: int = field(default=128, metadata={"help": "Longest accepted prompt (tokens)."})
@@ -113,6 +115,8 @@ def assign_split(normalized_prompts: pd.Series, eval_fraction: float) -> pd.Seri
 def add_derived_columns(frame: pd.DataFrame, rules: ValidationRules) -> pd.DataFrame:
     """Columns the suite checks: _<col>_text, _<col>_tokens, split, _duplicate_of, _leaks_from."""
     frame = frame.reset_index(drop=True)
+    if "context" in frame.columns:  # earlier turns of a conversation (JSON text), PII-checked too
+        frame["_context_text"] = as_text(frame["context"])
     for column in rules.text_columns:
         if column in frame.columns:
             frame[f"_{column}_text"] = as_text(frame[column])
@@ -132,10 +136,13 @@ def add_derived_columns(frame: pd.DataFrame, rules: ValidationRules) -> pd.DataF
         leaking = in_eval & normalized.isin(normalized[in_train]).to_numpy()
         frame["_leaks_from"] = _first_match(leaking, normalized, in_train, frame["_row_number"])
 
-    key_columns = [c for c in ("prompt", "response") if f"_{c}_text" in frame.columns]
+    key_columns = [f"_{c}_text" for c in ("prompt", "response") if f"_{c}_text" in frame.columns]
     if key_columns:
-        # Exact duplicates: the same prompt and response as an earlier row; the first one is kept.
-        keys = frame[[f"_{c}_text" for c in key_columns]]
+        # Exact duplicates: the same prompt and response (after the same earlier turns, in a
+        # conversation) as an earlier row; the first one is kept.
+        if "_context_text" in frame.columns:
+            key_columns.append("_context_text")
+        keys = frame[key_columns]
         key = pd.Series(pd.util.hash_pandas_object(keys, index=False).to_numpy(), index=frame.index)
         later = key.duplicated(keep="first").to_numpy()
         frame["_duplicate_of"] = _first_match(later, key, ~later, frame["_row_number"])
@@ -175,6 +182,9 @@ def build_rules(columns: list[str], rules: ValidationRules) -> list[_Rule]:
         _Rule(gxe.ExpectColumnValuesToBeNull(column="_utf8_error"), "_utf8_error", "utf8",
               "not valid UTF-8: {value}"),
     ]
+    if "_format_error" in columns:  # a chat or instruction record its format cannot read
+        suite.append(_Rule(gxe.ExpectColumnValuesToBeNull(column="_format_error"), "_format_error",
+                           "format", "{value}"))
     for column in rules.required_columns:
         if column not in columns:
             continue
@@ -196,6 +206,12 @@ def build_rules(columns: list[str], rules: ValidationRules) -> list[_Rule]:
                                                                      regex=pattern),
                                f"_{column}_text", f"pii: {label.split(' ', 1)[1]}",
                                f"{column}: contains {label} (PII)"))
+    if "_context_text" in columns:
+        for label, pattern in PII_PATTERNS.items():
+            suite.append(_Rule(gxe.ExpectColumnValuesToNotMatchRegex(column="_context_text",
+                                                                     regex=pattern),
+                               "_context_text", f"pii: {label.split(' ', 1)[1]}",
+                               f"context: contains {label} (PII)"))
     if "split" in columns:
         suite.append(_Rule(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
                            "split", "split", "split: {value!r} is not one of 'train', 'eval'"))
@@ -259,9 +275,28 @@ def _original_row(row: dict, source_columns: list[str]) -> str:
     with personal data masked (mask_pii): quarantine keeps why and where, not the data itself."""
     if isinstance(row.get("_raw"), str):
         return json.dumps({"_raw": mask_pii(row["_raw"])})
-    values = {c: mask_pii(row[c]) if isinstance(row[c], str) else row[c]
-              for c in source_columns if not _is_missing(row[c])}
+    values = {c: _masked(row[c]) for c in source_columns if c in row and not _is_missing(row[c])}
     return json.dumps(values, default=str, sort_keys=True)
+
+
+FEEDBACK_COLUMNS = ["prompt", "response", "context", "slice", "feedback_id"]  # a correction's row
+
+
+def _from_feedback(row: dict) -> bool:
+    return not _is_missing(row.get("feedback_id"))
+
+
+def _masked(value):
+    """A source value with mask_pii applied to every text inside it (a chat's turns included)."""
+    if isinstance(value, str):
+        return mask_pii(value)
+    if hasattr(value, "tolist") and not isinstance(value, bytes):  # Arrow/NumPy lists
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    return value
 
 
 def mask_pii(text: str) -> str:
@@ -281,8 +316,10 @@ def _is_missing(value: object) -> bool:
 def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None) -> ValidationReport:
     """Validate every row; return accepted rows and quarantined rows with all their reasons."""
     rules = rules or ValidationRules()
+    origins = frame.attrs.get("origins", {})
+    source_columns = frame.attrs.get("source_columns") or [c for c in frame.columns
+                                                           if not c.startswith("_")]
     frame = frame.reset_index(drop=True)
-    source_columns = [c for c in frame.columns if not c.startswith("_")]
     derived = add_derived_columns(frame, rules)
     missing = [c for c in rules.required_columns if c not in derived.columns]
     suite = build_rules(list(derived.columns), rules)
@@ -291,7 +328,9 @@ def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None)
 
     reasons: dict[int, list[str]] = {}
     if missing:
-        every_row = f"missing required column(s): {', '.join(repr(c) for c in missing)}"
+        every_row = "missing required column(s): " + ", ".join(
+            f"{c!r} (from source column {origins[c]!r}, raw_examples.columns.{c})"
+            if origins.get(c) not in (None, c) else repr(c) for c in missing)
         for index in range(len(derived)):
             reasons[index] = [every_row]
     checks = [{"check": "required_columns", "column": ", ".join(missing) or "-",
@@ -308,11 +347,11 @@ def validate_examples(frame: pd.DataFrame, rules: ValidationRules | None = None)
         {
             "row_number": derived.loc[bad, "_row_number"].astype(int).to_numpy(),
             "reasons": [reasons[i] for i in np.flatnonzero(bad)],
-            "original_row": [_original_row(row, source_columns)
+            "original_row": [_original_row(row, FEEDBACK_COLUMNS if _from_feedback(row) else source_columns)
                              for row in frame.iloc[np.flatnonzero(bad)].to_dict(orient="records")],
         }
     )
-    keep = [c for c in source_columns if c != "split"] + ["split", "_row_number"]
+    keep = [c for c in EXAMPLE_COLUMNS if c != "split"] + ["feedback_id", "split", "_row_number"]
     accepted = derived.loc[~bad, [c for c in keep if c in derived.columns]].reset_index(drop=True)
     return ValidationReport(
         rows_input=len(derived),

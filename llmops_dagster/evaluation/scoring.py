@@ -1,8 +1,8 @@
 """Evaluating models on the held-out eval split: loss and perplexity, exact match, token F1, the
-same per intent, generation latency, and a paired bootstrap of candidate minus champion.
+same per slice, generation latency, and a paired bootstrap of candidate minus champion.
 
 The eval split has two parts. The trusted split (records without a feedback_id) gives the main
-metrics, the per-intent slices and the comparison the policy gates on. The feedback slice (records
+metrics, the per-slice metrics and the comparison the policy gates on. The feedback slice (records
 made from people's corrections of served answers) is scored on its own, with its own comparison,
 so corrections cannot hide a regression on the trusted examples, nor be hidden by them.
 
@@ -88,7 +88,7 @@ class ModelScores:
 
     name: str
     path: str
-    per_example: pd.DataFrame  # intent, exact_match, token_f1, latency_ms (its batch's), prediction
+    per_example: pd.DataFrame  # slice, exact_match, token_f1, latency_ms (its batch's), prediction
     loss: float  # nats per answer token
     generation_s: float = 0.0  # wall time to answer every record (s)
     extra: dict = field(default_factory=dict)
@@ -106,8 +106,8 @@ class ModelScores:
         }
 
     def slices(self) -> dict:
-        grouped = self.per_example.groupby("intent")[["exact_match", "token_f1"]].mean().round(4)
-        return {intent: row.to_dict() for intent, row in grouped.iterrows()}
+        grouped = self.per_example.groupby("slice")[["exact_match", "token_f1"]].mean().round(4)
+        return {name: row.to_dict() for name, row in grouped.iterrows()}
 
 
 def load_model(path: str) -> tuple:
@@ -142,7 +142,7 @@ def score_model(name: str, path: str, records: list[dict], max_new_tokens: int, 
             predictions[i], batch_ms[i] = answer, took_ms
     generation_s = time.perf_counter() - started
     rows = [{
-        "intent": record["intent"],
+        "slice": record.get("slice") or record.get("intent") or "all",  # intent: format 2
         "source_row": record.get("source_row"),
         "exact_match": exact_match(prediction, record["completion"]),
         "token_f1": token_f1(prediction, record["completion"]),
@@ -263,9 +263,9 @@ def metrics_markdown(metrics: dict) -> str:
 
 
 def slices_markdown(slices: dict) -> str:
-    """Token F1 per intent (rows) and model (columns)."""
-    frame = pd.DataFrame({role: {intent: v[MAIN_METRIC] for intent, v in by_intent.items()}
-                          for role, by_intent in slices.items()})
+    """Token F1 per slice (rows) and model (columns)."""
+    frame = pd.DataFrame({role: {name: v[MAIN_METRIC] for name, v in by_slice.items()}
+                          for role, by_slice in slices.items()})
     return frame.to_markdown()
 
 
@@ -276,10 +276,10 @@ def slices_plot_markdown(slices: dict) -> str:
 
     from llmops_dagster.plots import figure_markdown
 
-    frame = pd.DataFrame({role: {intent: v[MAIN_METRIC] for intent, v in by_intent.items()}
-                          for role, by_intent in slices.items()})
+    frame = pd.DataFrame({role: {name: v[MAIN_METRIC] for name, v in by_slice.items()}
+                          for role, by_slice in slices.items()})
     axis = frame.plot.barh(figsize=(7, 0.35 * len(frame) + 1.5))
     axis.set_xlabel("token F1")
     axis.set_xlim(0, 1)
-    axis.set_title("Token F1 per intent")
-    return figure_markdown(axis.figure, "token F1 per intent")
+    axis.set_title("Token F1 per slice")
+    return figure_markdown(axis.figure, "token F1 per slice")

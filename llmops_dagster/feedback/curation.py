@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from llmops_dagster.dataset.embeddings import vector_literal
 
-FEEDBACK_INTENT = "feedback_correction"  # intent of examples that come from people's corrections
+FEEDBACK_SLICE = "feedback_correction"  # eval slice of examples that come from people's corrections
 
 
 def store_curated(engine: sa.Engine, rows: pd.DataFrame, vectors) -> int:
@@ -45,7 +45,8 @@ def counts_by_rating_and_model(engine: sa.Engine) -> pd.DataFrame:
 
 
 def correction_examples(engine: sa.Engine, max_rows: int | None = None) -> pd.DataFrame:
-    """Reviewed corrections as training examples (prompt, response, intent) with provenance
+    """Reviewed corrections as training examples (prompt, response, the conversation's earlier
+    turns as JSON text or None, slice) with provenance
     (feedback_id, response_id, model_version, reviewer, API key), oldest first so the order is
     deterministic; at most the newest `max_rows` (the cap per retrain).
 
@@ -54,14 +55,16 @@ def correction_examples(engine: sa.Engine, max_rows: int | None = None) -> pd.Da
     with engine.connect() as connection:
         return pd.read_sql_query(
             sa.text("SELECT * FROM (SELECT c.feedback_id, c.response_id::text AS response_id, "
-                    "c.model_version, c.prompt, c.correction AS response, f.reviewed_by, "
-                    "k.name AS api_key FROM curated_feedback c JOIN feedback f ON f.id = c.feedback_id "
+                    "c.model_version, c.prompt, c.correction AS response, r.context::text AS context, "
+                    "f.reviewed_by, k.name AS api_key FROM curated_feedback c "
+                    "JOIN feedback f ON f.id = c.feedback_id "
+                    "LEFT JOIN request_log r ON r.response_id = c.response_id "
                     "LEFT JOIN api_keys k ON k.id = f.api_key_id "
                     "WHERE c.correction IS NOT NULL AND c.label = 'negative' "
                     "AND f.review_state = 'accepted' ORDER BY c.feedback_id DESC LIMIT :cap) newest "
                     "ORDER BY feedback_id"),
             connection, params={"cap": max_rows},
-        ).assign(intent=FEEDBACK_INTENT)
+        ).assign(slice=FEEDBACK_SLICE)
 
 
 def review_counts(engine: sa.Engine) -> dict[str, int]:

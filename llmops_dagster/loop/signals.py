@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from llmops_dagster.dataset import embeddings
 from llmops_dagster.loop.drift import DriftResult, drift_test
+from llmops_dagster.prompts.rendering import embedding_text
 from llmops_dagster.serving import traffic_log
 from llmops_dagster.serving.traffic_log import LiveRate
 
@@ -47,7 +48,9 @@ def check_production_drift(engine, embed: Callable, production, window: int, ref
     if len(reference) < 2:
         return DriftCheck(window_key, None,
                           f"no dataset_embeddings for dataset {production.dataset_version}")
-    result = drift_test(embed(prompts), reference, alpha=alpha, permutations=permutations)
+    # The same text the reference set embedded for each training example (rendering.py).
+    result = drift_test(embed([embedding_text(p) for p in prompts]), reference, alpha=alpha,
+                        permutations=permutations)
     verdict = "drift" if result.drifted else "no drift"
     return DriftCheck(window_key, result, f"{verdict}: statistic {result.statistic:.5f} vs threshold "
                                           f"{result.threshold:.5f} (p {result.p_value:.3f})")

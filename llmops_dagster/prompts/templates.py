@@ -1,7 +1,8 @@
-"""Versioned prompt templates (Jinja files in `prompts/`) rendered over a validated dataset.
+"""Versioned prompt sets: a validated dataset rendered into train and eval records by the base
+model's chat template or a Jinja file in `prompts/` (rendering.py).
 
-A prompt set's version is the hash of the template text and the dataset version, so changing
-either gives a new version and rendering the same pair again gives the same one.
+A prompt set's version is the hash of the renderer (its kind and text) and the dataset version, so
+changing either gives a new version and rendering the same pair again gives the same one.
 """
 
 from __future__ import annotations
@@ -9,11 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
 import pandas as pd
+
+from llmops_dagster.prompts.rendering import (
+    TEMPLATE,
+    PromptRenderer,
+    RenderingError,
+    render_prompt,
+)
 
 TEMPLATE_SUFFIX = ".jinja"
 SPLIT_FILES = {"train": "train.jsonl", "eval": "eval.jsonl"}
@@ -24,39 +30,16 @@ def record_features():
     from datasets import Features, Value
 
     return Features({"prompt": Value("string"), "completion": Value("string"),
-                     "intent": Value("string"), "source_row": Value("int64"),
+                     "slice": Value("string"), "source_row": Value("int64"),
                      "feedback_id": Value("int64")})
 
 
-class PromptTemplateError(ValueError):
-    """The configured template is missing or does not render; the message names it."""
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    name: str  # file name without suffix, e.g. customer_support.v1
-    text: str
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
-
-    def render(self, prompt: str) -> str:
-        return template_environment().from_string(self.text).render(prompt=prompt)
-
-
-def template_environment() -> jinja2.Environment:
-    """Where prompt templates render: Jinja's immutable sandbox (a template formats its variables
-    and can neither reach Python internals nor change anything), undefined variables an error."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
-
+PromptTemplateError = RenderingError  # a template file that is missing or does not render
 
 TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
-def load_template(prompts_dir: Path, name: str) -> PromptTemplate:
+def load_template(prompts_dir: Path, name: str) -> PromptRenderer:
     """The template `name` (a file prompts/<name>.jinja; no path, no '..')."""
     if not TEMPLATE_NAME.fullmatch(name) or ".." in name:
         raise PromptTemplateError(f"prompt template name {name!r} must be a file name in {prompts_dir} "
@@ -67,16 +50,16 @@ def load_template(prompts_dir: Path, name: str) -> PromptTemplate:
         raise PromptTemplateError(
             f"prompt template {name!r} not found in {prompts_dir}; available: {available}"
         )
-    return PromptTemplate(name=name, text=path.read_text(encoding="utf-8"))
+    return PromptRenderer(kind=TEMPLATE, name=name, text=path.read_text(encoding="utf-8"))
 
 
 # Bumped when the record format changes, so that a prompt set written in an older format is never
-# reused as the new one (2: records carry feedback_id).
-RECORD_FORMAT = 2
+# reused as the new one (2: records carry feedback_id; 3: slice, conversations, chat templates).
+RECORD_FORMAT = 3
 
 
-def prompt_set_version(template: PromptTemplate, dataset_version: str) -> str:
-    return hashlib.sha256(f"{template.sha}:{dataset_version}:{RECORD_FORMAT}".encode()).hexdigest()[:16]
+def prompt_set_version(renderer: PromptRenderer, dataset_version: str) -> str:
+    return hashlib.sha256(f"{renderer.sha}:{dataset_version}:{RECORD_FORMAT}".encode()).hexdigest()[:16]
 
 
 def feedback_ids(accepted: pd.DataFrame) -> pd.Series:
@@ -87,18 +70,24 @@ def feedback_ids(accepted: pd.DataFrame) -> pd.Series:
                      dtype=object)
 
 
-def render_records(template: PromptTemplate, accepted: pd.DataFrame) -> pd.DataFrame:
-    """One record a row: the rendered prompt, the completion, the split, the source row and the
-    feedback id (None for a trusted row, the id for one made from a person's correction)."""
-    try:
-        rendered = [template.render(p) for p in accepted["prompt"]]
-    except jinja2.TemplateError as error:
-        raise PromptTemplateError(f"prompt template {template.name!r} fails: {error}") from error
+def _column(accepted: pd.DataFrame, name: str, default=None) -> list:
+    if name not in accepted:
+        return [default] * len(accepted)
+    return [default if v is None or (isinstance(v, float) and pd.isna(v)) else v for v in accepted[name]]
+
+
+def render_records(renderer: PromptRenderer, accepted: pd.DataFrame, tokenizer=None) -> pd.DataFrame:
+    """One record a row: the rendered prompt (the conversation so far), the completion, the slice
+    ("all" when the source has none), the split, the source row and the feedback id (None for a
+    trusted row, the id for one made from a person's correction)."""
+    contexts = _column(accepted, "context")
+    rendered = [render_prompt(renderer, p, c, tokenizer)
+                for p, c in zip(accepted["prompt"], contexts, strict=True)]
     return pd.DataFrame(
         {
             "prompt": rendered,
-            "completion": accepted["response"].map(lambda r: " " + r),
-            "intent": accepted["intent"],
+            "completion": accepted["response"].map(renderer.completion),
+            "slice": _column(accepted, "slice", "all"),
             "split": accepted["split"],
             "source_row": accepted["_row_number"].astype(int),
             "feedback_id": feedback_ids(accepted),
@@ -106,18 +95,20 @@ def render_records(template: PromptTemplate, accepted: pd.DataFrame) -> pd.DataF
     )
 
 
-def write_prompt_set(folder: Path, records: pd.DataFrame, template: PromptTemplate) -> None:
-    """train.jsonl and eval.jsonl (JSON lines, read with `read_records`) and the template."""
+def write_prompt_set(folder: Path, records: pd.DataFrame, renderer: PromptRenderer) -> None:
+    """train.jsonl and eval.jsonl (JSON lines, read with `read_records`), the renderer and its
+    template text (<name>.jinja, for people to read)."""
     for split, file_name in SPLIT_FILES.items():
         part = records[records["split"] == split].drop(columns=["split"])
         with (folder / file_name).open("w", encoding="utf-8") as handle:
             for record in part.to_dict(orient="records"):
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (folder / f"{template.name}{TEMPLATE_SUFFIX}").write_text(template.text, encoding="utf-8")
+    (folder / f"{renderer.name}{TEMPLATE_SUFFIX}").write_text(renderer.text, encoding="utf-8")
+    renderer.save(folder)
 
 
 def record_prompt_set_version(engine, version: str, dataset_version: str,
-                              template: PromptTemplate, path: Path, train_rows: int,
+                              template: PromptRenderer, path: Path, train_rows: int,
                               eval_rows: int) -> None:
     """Register the prompt set in PostgreSQL (lineage: prompt set -> dataset version)."""
     import sqlalchemy as sa

@@ -1,6 +1,7 @@
 """The served model: a Ray Serve deployment with a FastAPI ingress, and its typed builder.
 
-    POST /v1/generate  {prompt, max_new_tokens?}
+    POST /v1/generate  {prompt | messages, max_new_tokens?}  (messages: [{role, content}, ...],
+                       a conversation ending with the user's turn)
                        -> {response_id, text, model_version, latency_ms, feedback_token}
     POST /v1/feedback  {response_id, rating, correction?, comment?, feedback_token?, client_id?}
                        -> {feedback_id, status, counted, reason, review}
@@ -31,13 +32,14 @@ from typing import Annotated
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from sqlalchemy.exc import DBAPIError
 
 from llmops_dagster import generation
+from llmops_dagster.dataset.formats import parse_chat
 from llmops_dagster.feedback import review
-from llmops_dagster.prompts.templates import template_environment
+from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
 from llmops_dagster.serving import credentials, traffic_log
 from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
@@ -46,6 +48,7 @@ from llmops_dagster.training.run_config import FinetuneSettings
 MAX_PROMPT_CHARS = 2000
 MAX_TEXT_CHARS = 4000
 MAX_NEW_TOKENS = 128
+MAX_TURNS = 32  # turns of a conversation sent to /v1/generate
 
 
 def _storable(value: str | None, field: str) -> str | None:
@@ -61,18 +64,55 @@ def _storable(value: str | None, field: str) -> str | None:
     return value
 
 
-class GenerateRequest(BaseModel):
+class ChatTurn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    role: Annotated[str, Field(description="system, user or assistant")]
+    content: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+    @field_validator("content")
+    @classmethod
+    def _content_storable(cls, value: str) -> str:
+        return _storable(value, "content")
+
+
+class GenerateRequest(BaseModel):
+    """A prompt, or a conversation (`messages`) whose last turn is the user's: exactly one."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: Annotated[str | None, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] = None
+    messages: Annotated[list[ChatTurn] | None, Field(min_length=1, max_length=MAX_TURNS)] = None
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 48
 
     @field_validator("prompt")
     @classmethod
-    def _prompt_storable(cls, value: str) -> str:
-        if not value.strip():
+    def _prompt_storable(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("prompt must contain more than whitespace")
         return _storable(value, "prompt")
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        if self.messages is not None:
+            if self.messages[-1].role != "user":
+                raise ValueError("messages: the last turn must be the user's message to answer")
+            # The training data's rules for a conversation (roles, order, empty turns), checked
+            # on it followed by the answer it asks for.
+            error = parse_chat([t.model_dump() for t in self.messages]
+                               + [{"role": "assistant", "content": "answer"}])[3]
+            if error:
+                raise ValueError(error)
+        return self
+
+    def user_message(self) -> str:
+        return self.prompt if self.prompt is not None else self.messages[-1].content
+
+    def context(self) -> list[dict] | None:
+        """The turns before the user's message, None for a single-turn request."""
+        return [t.model_dump() for t in self.messages[:-1]] or None if self.messages else None
 
 
 class GenerateResponse(BaseModel):
@@ -141,7 +181,7 @@ class ServingConfig:
 
     model_version: str
     model_path: str  # merged Hugging Face folder
-    prompt_template: str  # Jinja text the model was trained with; variable: prompt
+    prompt_renderer: dict  # how the model's prompt set was rendered (rendering.PromptRenderer)
     # The database URL is a secret: a replica reads it from this file (0600, or a secret mounted on
     # every node), never from its constructor arguments, which Ray keeps in its GCS.
     database_url_file: str
@@ -241,7 +281,7 @@ class ModelServer:
         self.config = ServingConfig(**config)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.config.model_path).eval()
-        self.template = template_environment().from_string(self.config.prompt_template)
+        self.renderer = PromptRenderer(**self.config.prompt_renderer)
         # pre_ping: after a database restart, a pooled connection is tested and replaced at
         # checkout (one short round trip) instead of failing the request that drew it.
         # connect_timeout (s): a database that cannot be reached fails fast (503), never hangs.
@@ -255,11 +295,13 @@ class ModelServer:
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    def _answer(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-        """Greedy answers for a batch, each cut at its own token budget (as the eval report
-        scores them: generation.py)."""
-        ids = [generation.prompt_ids(self.tokenizer, self.template.render(prompt=p), self.config.seq_len)
-               for p in prompts]
+    def _answer(self, requests: list[GenerateRequest]) -> list[str]:
+        """Greedy answers for a batch, each cut at its own token budget: rendered as the prompt
+        set was (rendering.py) and decoded as the eval report scores (generation.py)."""
+        ids = [generation.prompt_ids(self.tokenizer, render_prompt(
+            self.renderer, r.user_message(), r.context(), self.tokenizer), self.config.seq_len)
+            for r in requests]
+        max_new_tokens = [r.max_new_tokens for r in requests]
         return [storable_answer(text).strip()
                 for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
 
@@ -267,9 +309,11 @@ class ModelServer:
         """Answer a batch and write its request-log rows in one transaction (one round trip a
         batch, not a request); returns (response id, text, latency ms) in order."""
         requests = [request for request, _, _ in batch]
-        texts = self._answer([r.prompt for r in requests], [r.max_new_tokens for r in requests])
+        texts = self._answer(requests)
         finished = time.perf_counter()
-        rows = [{"id": str(uuid.uuid4()), "version": self.config.model_version, "prompt": r.prompt,
+        rows = [{"id": str(uuid.uuid4()), "version": self.config.model_version,
+                 "prompt": r.user_message(),
+                 "context": json.dumps(r.context(), ensure_ascii=False) if r.context() else None,
                  "response": text, "max_new_tokens": r.max_new_tokens,
                  "latency": (finished - started) * 1000, "api_key_id": key_id}
                 for (r, started, key_id), text in zip(batch, texts, strict=True)]

@@ -14,13 +14,15 @@ from llmops_dagster.serving.credentials import ApiKey, RatingCredential
 
 
 def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
-    """Insert a batch of answers (response id, model version, prompt, response, max_new_tokens,
-    latency in ms, the asking API key's id or None) in one transaction: one round trip a batch."""
+    """Insert a batch of answers (response id, model version, prompt, the earlier turns of a chat
+    request as JSON text or None, response, max_new_tokens, latency in ms, the asking API key's id
+    or None) in one transaction: one round trip a batch."""
     with engine.begin() as connection:
         connection.execute(
-            sa.text("INSERT INTO request_log (response_id, model_version, prompt, response, "
+            sa.text("INSERT INTO request_log (response_id, model_version, prompt, context, response, "
                     "max_new_tokens, latency_ms, api_key_id) VALUES (:id, :version, :prompt, "
-                    ":response, :max_new_tokens, :latency, :api_key_id)"), rows)
+                    "CAST(:context AS jsonb), :response, :max_new_tokens, :latency, :api_key_id)"),
+            [{"context": None, **row} for row in rows])
 
 
 def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None]:

@@ -84,6 +84,52 @@ def build_scratch_model(texts: list[str], spec: ScratchModelSpec, folder: Path) 
     (folder / "llmops_spec.json").write_text(json.dumps(asdict(spec), indent=2))
 
 
+SCRATCH_KIND, PRETRAINED_KIND = "scratch", "pretrained"
+
+
+def tokenizer_corpus(accepted) -> list[str]:
+    """What the scratch tokenizer learns from: each trusted training example's text (earlier turns,
+    prompt and response), never feedback rows (they change with every retrain)."""
+    from llmops_dagster.dataset.formats import context_messages
+
+    rows = accepted[accepted["split"] == "train"]
+    if "feedback_id" in rows:
+        rows = rows[rows["feedback_id"].isna()]
+    contexts = rows["context"] if "context" in rows else [None] * len(rows)
+    return ["\n".join([*(t["content"] for t in context_messages(c)), p, r])
+            for c, p, r in zip(contexts, rows["prompt"], rows["response"], strict=True)]
+
+
+def has_chat_template(source: str) -> bool:
+    """Whether the model's tokenizer brings a chat template (tokenizer_config.json or
+    chat_template.jinja, where transformers keeps it)."""
+    path = Path(source)
+    config = path / "tokenizer_config.json"
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+SMALL_FILE_BYTES = 16 << 20  # files up to this size are hashed whole; weights by name and size
+
+
+def folder_fingerprint(source: str) -> dict:
+    """What identifies a model folder's contents without reading gigabytes of weights: the hash of
+    each small file (config, tokenizer, chat template) and the size of each large one."""
+    import hashlib
+
+    path = Path(source)
+    if not path.is_dir():
+        return {}
+    fingerprint = {}
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        name = str(file.relative_to(path))
+        fingerprint[name] = (hashlib.sha256(file.read_bytes()).hexdigest()[:16]
+                             if size <= SMALL_FILE_BYTES else f"{size} bytes")
+    return fingerprint
+
+
 def check_loadable(source: str, setting: str = "base_model.source") -> None:
     """Fail early, naming the setting, when `source` is neither a model folder nor a cached id."""
     path = Path(source)

@@ -24,14 +24,15 @@ def encode_records(records, tokenizer, seq_len: int):
 
     ids = torch.full((len(records), seq_len), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(records), seq_len), IGNORE_INDEX, dtype=torch.long)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    from llmops_dagster.generation import with_bos
+
     for row, record in enumerate(records):
         prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         answer = (answer + [tokenizer.eos_token_id])[: seq_len // 2]
         # Too long: drop the start of the prompt (the question and "Assistant:" cue are at its end),
         # so that every example keeps answer tokens to learn from.
-        prompt = (bos + prompt)[-(seq_len - len(answer)):]
+        prompt = with_bos(tokenizer, prompt)[-(seq_len - len(answer)):]
         tokens = prompt + answer
         ids[row, : len(tokens)] = torch.tensor(tokens)
         labels[row, len(prompt) : len(tokens)] = torch.tensor(answer)

@@ -10,6 +10,15 @@ from pathlib import Path
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Settings a person leaves unset, by the base model's kind. The scratch model starts random: its
+# output layer is trained in full, at the DeepSpeed file's high peak rate (3e-3). A pretrained model
+# keeps its output layer, and a LoRA on it learns at a gentler 1e-3.
+DEFAULTS_BY_KIND = {
+    "scratch": {"modules_to_save": ["lm_head"], "learning_rate": None},
+    "pretrained": {"modules_to_save": [], "learning_rate": 1e-3},
+}
+
+
 @dataclass(kw_only=True)
 class FinetuneSettings:
     """The fine-tune's own settings, declared once: the finetuned_checkpoint asset's config and the
@@ -27,10 +36,10 @@ class FinetuneSettings:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata={
         "help": "Module names that get LoRA adapters."})
-    modules_to_save: list[str] = field(default_factory=lambda: ["lm_head"], metadata={
-        "help": "Modules trained in full beside the adapters. The output layer, because the default "
-        "base model is randomly initialized and its output layer must be learned. Empty for a "
-        "pretrained base."})
+    modules_to_save: list[str] | None = field(default=None, metadata={
+        "help": "Modules trained in full beside the adapters; unset: chosen by the base model's "
+        "kind: the output layer for the scratch model (randomly initialized, its output layer must "
+        "be learned), none for a pretrained one."})
     seed: int = field(default=0, metadata={"help": "Seed of LoRA init and batch order."})
 
 
