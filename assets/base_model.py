@@ -7,7 +7,9 @@ from pydantic import Field
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
 from llmops_dagster.lineage import stage_definition, upstream_metadata
-from llmops_dagster.settings import declared
+from llmops_dagster.prompts import templates
+from llmops_dagster.prompts.rendering import RenderingError
+from llmops_dagster.settings import PROMPTS_DIR, declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch
 from llmops_dagster.training.base_model import ScratchModelSpec
@@ -30,6 +32,12 @@ class BaseModelConfig(dg.Config):
     num_attention_heads: int = declared(ScratchModelSpec, "num_attention_heads")
     max_position_embeddings: int = declared(ScratchModelSpec, "max_position_embeddings")
     seed: int = declared(ScratchModelSpec, "seed")
+    tokenizer_template: str = Field(
+        default="customer_support.v1",
+        description="Scratch model only: the prompts/ template (prompt_set.template) its tokenizer "
+        "learns with the data, each example rendered by it, so that the template's words are single "
+        "tokens and the prompt fits seq_len. A pretrained model brings its own tokenizer.",
+    )
 
     def spec(self) -> ScratchModelSpec:
         fields = ScratchModelSpec.__dataclass_fields__
@@ -46,7 +54,11 @@ def base_model(
         # The tokenizer learns from the source's training rows only: feedback rows change with every
         # retrain, and a base model (its vocabulary) that changed with them would make each retrain
         # start over from a new random model, where it can continue from production's adapter.
-        texts = base_models.tokenizer_corpus(dataset_store.read_accepted(dataset["path"]))
+        try:
+            template = templates.load_template(PROMPTS_DIR, config.tokenizer_template)
+            texts = base_models.tokenizer_corpus(dataset_store.read_accepted(dataset["path"]), template)
+        except RenderingError as error:
+            raise dg.Failure(description=f"base_model.tokenizer_template: {error}") from error
         version, folder = artifacts.write_content_addressed(
             "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)
         )
@@ -71,6 +83,7 @@ def base_model(
             "kind": base_models.SCRATCH_KIND if config.source == SCRATCH else base_models.PRETRAINED_KIND,
             "chat_template": base_models.has_chat_template(path),
             "tokenizer_trained_on": dataset["version"] if config.source == SCRATCH else "-",
+            "tokenizer_template": config.tokenizer_template if config.source == SCRATCH else "-",
             **description,
         },
     )

@@ -51,6 +51,11 @@ def prompt_set(
                                            tokenizer)
     except rendering.RenderingError as error:
         raise dg.Failure(description=str(error)) from error
+    learned = base.get("tokenizer_template", "-")
+    if learned not in ("-", renderer.name):
+        context.log.warning(f"the scratch base model's tokenizer learned template {learned!r}, the "
+                            f"prompts are rendered by {renderer.name!r}: set "
+                            "base_model.tokenizer_template to it, or prompts may be cut at seq_len")
     version = templates.prompt_set_version(renderer, dataset["version"])
     folder = artifacts.write_version(
         "prompt_sets", version, lambda d: templates.write_prompt_set(d, records, renderer)

@@ -54,8 +54,8 @@ def main() -> None:
 
     import dagster as dg
 
-    from assets.dataset import raw_examples, validated_dataset
     from assets.base_model import base_model
+    from assets.dataset import raw_examples, validated_dataset
     from assets.prompts import prompt_set
     from llmops_dagster.definitions import defs
     from llmops_dagster.evaluation import scoring
@@ -64,8 +64,8 @@ def main() -> None:
     try:
         with dg.instance_for_test() as instance:
             resources = dict(defs.resources)
-            assert dg.materialize([raw_examples, validated_dataset, base_model, prompt_set], resources=resources,
-                                  instance=instance).success
+            assert dg.materialize([raw_examples, validated_dataset, base_model, prompt_set],
+                                  resources=resources, instance=instance).success
             runs = [train(instance, resources, seed) for seed in args.seeds]
             again = None
             if not args.no_determinism:

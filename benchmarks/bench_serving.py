@@ -183,7 +183,7 @@ class BareModel:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(config.model_path).eval()
         self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-            config.prompt_template)
+            config.prompt_renderer["text"])
 
     def generate(self) -> str:
         import torch

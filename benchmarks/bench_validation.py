@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 from results import record
 
+from llmops_dagster.dataset.formats import ColumnMapping, to_examples
 from llmops_dagster.dataset.synthetic_data import generate_examples
 from llmops_dagster.dataset.validation import (
     PII_PATTERNS,
@@ -57,15 +58,13 @@ def baseline_validate(frame: pd.DataFrame, rules: ValidationRules) -> set[int]:
     """The same rules by hand: masks per check, then reasons for the failing rows."""
     failures: list[tuple[np.ndarray, str]] = []
     texts = {}
-    for column in ("prompt", "response", "intent"):
+    for column in ("prompt", "response"):  # required; `intent` is read as the optional slice
         values = frame[column]
         is_null = values.isna().to_numpy()
         is_text = values.map(type).eq(str).to_numpy()
         failures += [(is_null, f"{column}: value is missing"),
                      (~is_null & ~is_text, f"{column}: expected text")]
         texts[column] = values.where(is_text, "").astype(ARROW_TEXT)
-        if column == "intent":
-            continue
         tokens = texts[column].str.count(TOKEN_PATTERN).to_numpy()
         high = rules.max_prompt_tokens if column == "prompt" else rules.max_response_tokens
         failures.append((is_text & ((tokens < rules.min_tokens) | (tokens > high)), f"{column}: length"))
@@ -92,7 +91,9 @@ def baseline_validate(frame: pd.DataFrame, rules: ValidationRules) -> set[int]:
 
 
 def ours(frame: pd.DataFrame, rules: ValidationRules) -> set[int]:
-    return set(validate_examples(frame, rules).quarantined["row_number"].tolist())
+    """The platform's path: the source's columns read as examples (formats.py), then the suite."""
+    examples = to_examples(frame, "auto", ColumnMapping())
+    return set(validate_examples(examples, rules).quarantined["row_number"].tolist())
 
 
 def measure(path: str, n_rows: int, queue) -> None:

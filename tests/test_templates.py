@@ -74,5 +74,6 @@ def test_auto_rendering_uses_the_tokenizer_chat_template_when_it_has_one(tiny_mo
     text = render_prompt(renderer, "Where is order A1?", CONTEXT, tokenizer)
     assert text == ("<|system|>Be brief.\n<|user|>Hi\n<|assistant|>Hello.\n"
                     "<|user|>Where is order A1?\n<|assistant|>")
-    assert text == tokenizer.apply_chat_template([*CONTEXT, {"role": "user", "content": "Where is order A1?"}],
-                                                 tokenize=False, add_generation_prompt=True)
+    question = {"role": "user", "content": "Where is order A1?"}
+    assert text == tokenizer.apply_chat_template([*CONTEXT, question], tokenize=False,
+                                                 add_generation_prompt=True)

@@ -99,7 +99,10 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
         for row in rows["sample"])
     items = [
         ("served answer", f"<code>{escape(response['response_id'])}</code> at "
-                          f"{escape(str(response['created_at']))}<br>prompt: {escape(response['prompt'])}"
+                          f"{escape(str(response['created_at']))}<br>"
+                          + "".join(f"{escape(turn['role'])}: {escape(turn['content'])}<br>"
+                                    for turn in response.get("context") or [])
+                          + f"prompt: {escape(response['prompt'])}"
                           f"<br>answer: {escape(response['response'])}"),
         ("model version", f"{product('serving_deployment', model['version'])}<br>"
                           f"{product('approved_model', model['version'])}: {escape(model['stage'])}, "

@@ -37,7 +37,7 @@ from ray import serve
 from sqlalchemy.exc import DBAPIError
 
 from llmops_dagster import generation
-from llmops_dagster.dataset.formats import parse_chat
+from llmops_dagster.dataset.formats import ROLES, parse_chat
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
 from llmops_dagster.serving import credentials, traffic_log
@@ -69,6 +69,13 @@ class ChatTurn(BaseModel):
 
     role: Annotated[str, Field(description="system, user or assistant")]
     content: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, value: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}")
+        return value
 
     @field_validator("content")
     @classmethod

@@ -93,7 +93,7 @@ def served_response(engine: sa.Engine, response_id: str) -> dict | None:
     """One logged answer by its response id (a UUID, any case), or None: one primary-key lookup."""
     with engine.connect() as connection:
         row = connection.execute(
-            sa.text("SELECT response_id::text, model_version, prompt, response, created_at "
+            sa.text("SELECT response_id::text, model_version, context, prompt, response, created_at "
                     "FROM request_log WHERE response_id = CAST(:id AS uuid)"), {"id": response_id}
         ).mappings().first()
     return dict(row) if row is not None else None

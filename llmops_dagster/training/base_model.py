@@ -87,17 +87,17 @@ def build_scratch_model(texts: list[str], spec: ScratchModelSpec, folder: Path) 
 SCRATCH_KIND, PRETRAINED_KIND = "scratch", "pretrained"
 
 
-def tokenizer_corpus(accepted) -> list[str]:
-    """What the scratch tokenizer learns from: each trusted training example's text (earlier turns,
-    prompt and response), never feedback rows (they change with every retrain)."""
-    from llmops_dagster.dataset.formats import context_messages
+def tokenizer_corpus(accepted, template) -> list[str]:
+    """What the scratch tokenizer learns from: each trusted training example rendered by `template`
+    (a prompts/ renderer) with its response, as the prompt set will write it; never feedback rows
+    (they change with every retrain)."""
+    from llmops_dagster.prompts.templates import render_records
 
     rows = accepted[accepted["split"] == "train"]
     if "feedback_id" in rows:
         rows = rows[rows["feedback_id"].isna()]
-    contexts = rows["context"] if "context" in rows else [None] * len(rows)
-    return ["\n".join([*(t["content"] for t in context_messages(c)), p, r])
-            for c, p, r in zip(contexts, rows["prompt"], rows["response"], strict=True)]
+    records = render_records(template, rows)
+    return [p + c for p, c in zip(records["prompt"], records["completion"], strict=True)]
 
 
 def has_chat_template(source: str) -> bool:
