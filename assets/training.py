@@ -124,7 +124,9 @@ def finetuned_checkpoint(
                          "or LoRA shape, or there is none): a fresh LoRA init")
     steps = config.warm_start_steps if warm_from else config.max_steps
     try:  # every setting that can be known wrong is checked before a process starts
-        launch.check_settings(base["path"], config.num_processes, config.target_modules)
+        # The ranks one machine runs: num_processes is the world size, split over trainer.nodes.
+        launch.check_settings(base["path"], launch.ranks_per_node(config.num_processes, trainer.nodes),
+                              config.target_modules)
         deepspeed_config = launch.resolve_deepspeed_config(
             launch.load_deepspeed_config(config.deepspeed_config), config.overrides(), steps
         )
@@ -166,8 +168,8 @@ def finetuned_checkpoint(
     else:
         output.mkdir(parents=True, exist_ok=True)
         write_run_config(run, output / "train_config.json")
-        context.log.info(f"progress: fine-tune {version}: {config.max_steps} steps on "
-                         f"{config.num_processes} ranks under {trainer.launcher}")
+        context.log.info(f"progress: fine-tune {version}: {steps} steps on {config.num_processes} "
+                         f"ranks ({trainer.nodes} node(s)) under {trainer.launcher}")
         _, messages = trainer.run(context, output / "train_config.json", config.num_processes)
         reported_steps = len(messages)
     summary = json.loads((output / "summary.json").read_text())

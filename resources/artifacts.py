@@ -1,6 +1,7 @@
-"""Where products live: one write-once folder a version under a configurable root."""
+"""Where products live: one write-once folder a version under a configurable root, on storage that
+is swapped by a setting: this machine's disk, or a filesystem every node mounts."""
 
-
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -12,15 +13,47 @@ from pydantic import Field
 from llmops_dagster.dataset.sources import content_hash_of_path
 from llmops_dagster.settings import llmops_home
 
+LOCAL = "local"
+SHARED = "shared"
+
+
+class ArtifactStorageError(ValueError):
+    """The artifact root cannot hold products on the configured storage; the message names the setting."""
+
 
 class ArtifactStore(dg.ConfigurableResource):
     """Versioned product folders under `root`: written once into a temporary folder, then renamed
-    into place, so a crash never leaves half a version and a version is never overwritten."""
+    into place, so a crash never leaves half a version and a version is never overwritten.
+
+    `storage` says what the root is. `local`: a folder on this machine's disk, made when missing (one
+    machine, including several training nodes started on it). `shared`: a filesystem mounted at the
+    same path on every node (NFS, Lustre, EFS, Filestore), which the training ranks of every node,
+    the eval and the Serve replicas read and write by path. A shared root is never made here (a
+    missing root is a missing mount: products written there would stay on this node's disk), and a
+    version's files are flushed (fsync) before its folder is renamed into place, so a node that
+    sees the version sees all of it."""
 
     root: str = Field(default="", description="Artifact root; empty means $LLMOPS_HOME/artifacts.")
+    storage: str = Field(
+        default=LOCAL,
+        description="'local': this machine's disk. 'shared': a filesystem mounted at `root` on every "
+        "node (required when training nodes or Serve replicas run on other machines).",
+    )
 
     def root_path(self) -> Path:
-        return Path(self.root).resolve() if self.root else llmops_home() / "artifacts"
+        if self.storage == LOCAL:
+            return Path(self.root).resolve() if self.root else llmops_home() / "artifacts"
+        if self.storage != SHARED:
+            raise ArtifactStorageError(
+                f"artifacts.storage must be {LOCAL!r} or {SHARED!r}, got {self.storage!r}")
+        if not self.root:
+            raise ArtifactStorageError("artifacts.storage='shared' needs artifacts.root: the path where "
+                                       "every node mounts the shared filesystem")
+        root = Path(self.root).resolve()
+        if not root.is_dir():
+            raise ArtifactStorageError(f"artifacts.root {root} does not exist: with artifacts.storage="
+                                       "'shared' it must be the mounted shared filesystem (never made here)")
+        return root
 
     def version_dir(self, kind: str, version: str) -> Path:
         return self.root_path() / kind / version
@@ -54,14 +87,34 @@ class ArtifactStore(dg.ConfigurableResource):
         staging.mkdir()
         return staging
 
-    @staticmethod
-    def _publish(staging: Path, final: Path) -> Path:
+    def _publish(self, staging: Path, final: Path) -> Path:
         """Rename into place; a version that exists already (same content) is kept as it is."""
         if final.exists():
             return final
+        if self.storage == SHARED:
+            _flush_tree(staging)
         try:
             staging.rename(final)
         except OSError:
             if not final.exists():  # not a concurrent publish of the same version
                 raise
+        if self.storage == SHARED:
+            _flush(final.parent)
         return final
+
+
+def _flush(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes its entries, e.g. a rename, durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _flush_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, the deepest first."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if not path.is_symlink():
+            _flush(path)
+    _flush(folder)

@@ -118,16 +118,43 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+TRAINING_MODULE = "llmops_dagster.training.train_lora"
+TORCHRUN = [sys.executable, "-m", "llmops_dagster.training.torchrun_local"]
+LOOPBACK = "127.0.0.1"
+# A socket already listening on the rendezvous endpoint, handed to node 0's launcher (torchrun_local)
+# by its file descriptor: its starter binds a free port and gives it to the other nodes, no race.
+LISTEN_FD_ENV = "LLMOPS_RENDEZVOUS_LISTEN_FD"
+
+
 def launch_command(run_file: Path, num_processes: int, launcher: str = "torchrun",
                    hostfile: str = "") -> list[str]:
     """torchrun (one node, nothing listening beyond 127.0.0.1: torchrun_local) or the deepspeed
     launcher (a hostfile for several nodes; its rank 0 store listens on every interface)."""
-    module = "llmops_dagster.training.train_lora"
     if launcher == "torchrun":
-        return [sys.executable, "-m", "llmops_dagster.training.torchrun_local",
-                f"--nproc_per_node={num_processes}", "-m", module, "--config", str(run_file)]
+        return [*TORCHRUN, f"--nproc_per_node={num_processes}",
+                "-m", TRAINING_MODULE, "--config", str(run_file)]
     if launcher == "deepspeed":
         command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--master_port={free_port()}"]
         command += [f"--hostfile={hostfile}"] if hostfile else [f"--num_gpus={num_processes}"]
-        return command + ["--module", module, "--config", str(run_file)]
+        return command + ["--module", TRAINING_MODULE, "--config", str(run_file)]
     raise TrainingConfigError(f"trainer.launcher must be 'torchrun' or 'deepspeed', got {launcher!r}")
+
+
+def ranks_per_node(num_processes: int, nodes: int) -> int:
+    """The ranks each of `nodes` torchrun nodes runs: the fine-tune's ranks split evenly."""
+    if nodes < 1:
+        raise TrainingConfigError(f"trainer.nodes must be at least 1, got {nodes}")
+    if num_processes % nodes:
+        raise TrainingConfigError(f"finetuned_checkpoint.num_processes={num_processes} ranks cannot be "
+                                  f"split evenly over trainer.nodes={nodes}")
+    return num_processes // nodes
+
+
+def node_command(run_file: Path, num_processes: int, nodes: int, node_rank: int,
+                 endpoint: str) -> list[str]:
+    """The launcher of node `node_rank` of a torchrun run over `nodes` nodes (static rendezvous at
+    `endpoint`, host:port, served by node 0): the same command on every node but its rank. Node 0
+    holds global rank 0, which reports to Dagster through Pipes."""
+    return [*TORCHRUN, f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--rdzv-endpoint={endpoint}",
+            f"--nproc_per_node={ranks_per_node(num_processes, nodes)}",
+            "-m", TRAINING_MODULE, "--config", str(run_file)]
