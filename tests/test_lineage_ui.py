@@ -110,8 +110,8 @@ def test_an_analyst_clicks_from_the_served_model_to_the_dataset_that_fed_it(serv
     assert model.dataset_version in text and newer_version not in text
 
 
-def test_the_trace_of_an_answer_is_a_page_linked_to_the_ui(served_model_with_runs, monkeypatch,
-                                                           tmp_path, capsys):
+def test_the_trace_of_an_answer_is_a_page_linked_to_the_ui(served_model_with_runs, dagster_database,
+                                                           monkeypatch, tmp_path, capsys):
     """`llmops trace ID --html FILE`: what the terminal shows, as a page whose products link to the
     exact materializations; whatever a person sent is escaped, never markup."""
     import json
