@@ -25,6 +25,10 @@ class RayServeResource(dg.ConfigurableResource):
     http_host: str = Field(default="127.0.0.1", description="Where Serve's HTTP proxy listens.")
     http_port: int = Field(default=8000, description="Port of Serve's HTTP proxy.")
     replicas: int = Field(default=1, description="Model replicas.")
+    max_replicas_per_node: int | None = Field(
+        default=None, ge=1, description="Most replicas on one Ray node (Serve's option): 1 spreads "
+        "them one a node and brings a replica back to a node that returns after a loss; None lets "
+        "Serve pack them.")
     local_cpus: int = Field(default=2, description="CPUs of the local head.")
     local_port: int = Field(default=ray_cluster.LOCAL_PORT, description="GCS port of the local head.")
 
@@ -70,7 +74,8 @@ class RayServeResource(dg.ConfigurableResource):
         """`config` with this resource's replica count (what a deploy would serve)."""
         import dataclasses
 
-        return dataclasses.replace(config, replicas=self.replicas)
+        return dataclasses.replace(config, replicas=self.replicas,
+                                   max_replicas_per_node=self.max_replicas_per_node)
 
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
         """Deploy (or roll out) `config`; return once /healthz answers with its model version."""

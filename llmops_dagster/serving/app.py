@@ -199,6 +199,7 @@ class ServingConfig:
         "help": "Longest wait of a lone request for company in its batch (s)."})
     seq_len: int = FinetuneSettings.seq_len  # prompt tokens kept: the length the model trained on
     replicas: int = 1  # Serve replicas (RayServeResource.replicas); part of what a deploy changes
+    max_replicas_per_node: int | None = None  # RayServeResource.max_replicas_per_node
     generate_requires_key: bool = field(default=False, metadata={
         "help": "Refuse /v1/generate without a client, rater or reviewer key (401). Open is allowed "
         "only while Serve listens on loopback (serving_deployment refuses otherwise)."})
@@ -440,5 +441,7 @@ def build_app(config: ServingConfig) -> serve.Application:
 
     return ModelServer.options(
         num_replicas=config.replicas, max_queued_requests=config.max_queued_requests,
+        **({"max_replicas_per_node": config.max_replicas_per_node}
+           if config.max_replicas_per_node else {}),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
     ).bind(asdict(config))

@@ -3,12 +3,15 @@
 The local head is started once with `ray start` (so it outlives the process that deploys) with
 token authentication on, its token in ~/.ray/auth_token, and stopped by `llmops serve stop`.
 It listens on 127.0.0.1 only, except for one port Ray has no setting for (LOCAL_HEAD_ENV).
+Worker nodes on the same machine join it with `ray start --address` (join_local_head).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 
 LOCAL_PORT = 6390  # GCS port of the local head
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 # `ray start --node-ip-address=127.0.0.1` is replaced by the machine's routable address, and every
 # Ray server then listens on all interfaces. With "clusters" off (Ray's switch for Windows and macOS,
@@ -58,8 +62,13 @@ def _accepts(port: int, timeout_s: float = 1) -> bool:
         return False
 
 
-def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> str:
-    """Start the local head when none answers on `port`; return its address."""
+def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT,
+                      resources: dict[str, float] | None = None,
+                      worker_ports: tuple[int, int] | None = None) -> str:
+    """Start the local head when none answers on `port`; return its address.
+
+    `resources`: custom resources the head offers besides its CPUs; `worker_ports`: the range its
+    workers' gRPC servers take (Ray's default 10002-19999 when None)."""
     address = f"127.0.0.1:{port}"
     os.environ.update(AUTH_ENV)
     token = Path.home() / ".ray" / "auth_token"
@@ -78,10 +87,71 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT) -> 
                       f"--ray-client-server-port={client_server_port(port)}",
                       "--dashboard-agent-listen-port=0",
                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-                      f"--temp-dir={temp_dir}", env=LOCAL_HEAD_ENV, check=False)
+                      f"--temp-dir={temp_dir}", *_node_options(resources, worker_ports),
+                      env=LOCAL_HEAD_ENV, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"could not start the local Ray head: {result.stderr[-2000:]}")
     return address
+
+
+def _node_options(resources: dict[str, float] | None, worker_ports: tuple[int, int] | None) -> list[str]:
+    options = [f"--resources={json.dumps(resources)}"] if resources else []
+    if worker_ports is not None:
+        options += [f"--min-worker-port={worker_ports[0]}", f"--max-worker-port={worker_ports[1]}"]
+    return options
+
+
+# `ray start --address` refuses to start a worker node while clusters are off (LOCAL_HEAD_ENV): a
+# check in its command line only (ray/scripts/scripts.py). This runs the same command with that one
+# check passed, while Ray's own address resolution keeps the switch off, so that the node's address
+# stays 127.0.0.1 (with clusters on, 127.0.0.1 in --address or --node-ip-address is replaced by the
+# routable address, where a local head does not listen).
+_RAY_START_ON_LOOPBACK = """
+import sys, types
+from ray._private import ray_constants
+from ray.scripts import scripts
+scripts.ray_constants = types.SimpleNamespace(**{**vars(ray_constants), "ENABLE_RAY_CLUSTER": True})
+sys.exit(scripts.main())
+"""
+
+
+def join_local_head(address: str, num_cpus: int, first_port: int,
+                    resources: dict[str, float] | None = None, timeout_s: float = 120) -> int:
+    """Start a worker node on this machine that joins the local head at `address` (`ray start
+    --address`, token authentication as on the head); return its process group: the raylet, its
+    agents and log monitor (the workers the raylet starts each put themselves in a group of their own).
+
+    Every port the node listens on is fixed from `first_port`, since a second node on one machine
+    cannot take the head's (between machines, they are what a firewall between nodes opens): node
+    manager +0, object manager +1, dashboard agent gRPC +2 and HTTP +3, runtime-env agent +4, metrics
+    export +5 (not opened: metrics collection is off), the workers' gRPC servers +10 to +49. The node
+    listens on 127.0.0.1 as the head does and keeps its sockets and logs in the head's session folder
+    (Ray takes it from the GCS), private to this user.
+    """
+    if not on_loopback(address):
+        raise ValueError(f"join_local_head joins a head on this machine (127.0.0.1), not {address}: on "
+                         "another machine, run `ray start --address` there with the cluster's token")
+    command = [sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start", f"--address={address}",
+               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+               f"--node-manager-port={first_port}", f"--object-manager-port={first_port + 1}",
+               f"--dashboard-agent-grpc-port={first_port + 2}",
+               f"--dashboard-agent-listen-port={first_port + 3}",
+               f"--runtime-env-agent-port={first_port + 4}", f"--metrics-export-port={first_port + 5}",
+               *_node_options(resources, (first_port + 10, first_port + 49))]
+    # A session of its own: the node's processes form one group, which outlives this call.
+    process = subprocess.Popen(command, env={**clean_environment(), **LOCAL_HEAD_ENV},
+                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        stderr = f"`ray start` did not return within {timeout_s:.0f} s"
+    if process.returncode != 0:  # None after the timeout
+        with contextlib.suppress(ProcessLookupError):  # what it started so far is left in its group
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise RuntimeError(f"could not join a worker node to {address}: {stderr[-2000:]}")
+    return process.pid
 
 
 class UnsafeFolderError(RuntimeError):
@@ -102,13 +172,19 @@ def private_folder(folder: Path) -> Path:
     return folder
 
 
+def on_loopback(address: str) -> bool:
+    """Whether `address` (host:port) names a cluster on this machine's loopback."""
+    return address.rsplit(":", 1)[0].strip("[]") in LOOPBACK_HOSTS
+
+
 def connect(address: str, local: bool = False) -> None:
-    """Connect this process to the cluster at `address` (`local`: the head of ensure_local_head)."""
+    """Connect this process to the cluster at `address` (`local`: the head of ensure_local_head;
+    an address on 127.0.0.1, as RAY_ADDRESS, is a cluster of this machine and connects the same way)."""
     import ray
 
     if not ray.is_initialized():
         os.environ.update(AUTH_ENV)
-        if local:
+        if local or on_loopback(address):
             # This process's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (LOCAL_HEAD_ENV), read when ray was
             # imported: without it ray.init turns 127.0.0.1 into the routable address, where the
             # local head does not listen, and this driver's own gRPC server would listen there.
