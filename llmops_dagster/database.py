@@ -9,7 +9,6 @@ stops it cleanly. The schema is created and upgraded by the Alembic migrations i
 from __future__ import annotations
 
 import threading
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -200,9 +199,24 @@ def migrate(url: str) -> None:
         engine.dispose()
 
 
-@cache
+_ENGINES: dict[tuple[str, str | None], sa.Engine] = {}
+
+
 def platform_engine(url: str, owner_url: str | None = None) -> sa.Engine:
     """One engine per URL and process, on a database migrated (by `owner_url`, the owner role,
     when given: the role of `url` may not change the schema)."""
-    migrate(owner_url or url)
-    return sa.create_engine(url, pool_pre_ping=True)
+    key = (url, owner_url)
+    if key not in _ENGINES:
+        migrate(owner_url or url)
+        _ENGINES[key] = sa.create_engine(url, pool_pre_ping=True)
+    return _ENGINES[key]
+
+
+def close_idle_connections() -> int:
+    """Close the pooled connections of every engine this process made (they stay usable and
+    connect again when next used): a process that works on many databases in turn, such as the
+    test session, would otherwise hold idle connections to each until the server has no slot left.
+    Returns the number of engines."""
+    for engine in _ENGINES.values():
+        engine.dispose()
+    return len(_ENGINES)

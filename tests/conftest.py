@@ -29,6 +29,15 @@ SERVED_TEMPLATE_DATABASE = "served_template"
 UNLIMITED = {"generate_rate_limit": "1000000/minute", "feedback_rate_limit": "1000000/minute"}
 
 
+@pytest.fixture(autouse=True)
+def close_idle_connections():
+    """After each test, this process's pooled connections to the databases it used are closed:
+    every test works on a database of its own, and their idle pools would fill the session
+    server's connection slots (100) halfway through the suite."""
+    yield
+    database.close_idle_connections()
+
+
 @pytest.fixture(scope="session")
 def llmops_home():
     """A fresh LLMOPS_HOME (short path: the server's Unix socket lives in it) for the session."""
