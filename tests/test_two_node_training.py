@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import dagster as dg
 import psutil
 import pytest
+from test_finetune import failure_message, metadata
 
 from assets.dataset import raw_examples, validated_dataset
 from assets.prompts import prompt_set
@@ -55,14 +56,6 @@ def stage(resources, instance):
     return finetune
 
 
-def metadata(result) -> dict:
-    [event] = result.asset_materializations_for_node("finetuned_checkpoint")
-    return {k: v.value for k, v in event.metadata.items()}
-
-
-def failure_message(result) -> str:
-    [failure] = [e for e in result.all_events if e.is_step_failure]
-    return failure.event_specific_data.error.message
 
 
 def training_processes() -> list[psutil.Process]:
