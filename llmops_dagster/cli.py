@@ -525,6 +525,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     response, model = chain["response"], chain["model_version"]
     prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
     print(f"response      {response['response_id']} at {response['created_at']:%Y-%m-%d %H:%M:%S}")
+    for turn in response.get("context") or []:  # the conversation before the prompt (chat requests)
+        print(f"  {turn['role']:<11} {turn['content'][:100]!r}")
     print(f"  prompt      {response['prompt'][:100]!r}")
     print(f"  answer      {response['response'][:100]!r}")
     print(f"model version {model['version']} ({model['stage']}, approved by {model['approver']}, "
