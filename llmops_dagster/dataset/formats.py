@@ -151,22 +151,31 @@ def parse_chat(value) -> tuple[str | None, str | None, str | None, str | None]:
         clean.append({"role": role, "content": content})
     if not any(t["role"] == "assistant" for t in clean):
         return None, None, None, "messages: no assistant turn to learn from"
-    expected = "user"
-    for index, turn in enumerate(clean):
-        if turn["role"] == "system" and index == 0:
-            continue
-        if turn["role"] != expected:
-            after = clean[index - 1]["role"] if index else "the start"
-            return None, None, None, (f"messages[{index}]: {turn['role']!r} after {after!r} "
-                                      "(turns out of order: an optional system message first, "
-                                      "then user and assistant turns alternating)")
-        expected = "assistant" if expected == "user" else "user"
+    out_of_order = turn_order_error([t["role"] for t in clean])
+    if out_of_order:
+        return None, None, None, out_of_order
     if clean[-1]["role"] != "assistant":
         return None, None, None, (f"messages[{len(clean) - 1}]: the conversation ends with a user "
                                   "turn; the last turn must be the assistant's answer to learn")
     context = clean[:-2]
     return (clean[-2]["content"], clean[-1]["content"],
             json.dumps(context, ensure_ascii=False) if context else None, None)
+
+
+def turn_order_error(roles: list[str]) -> str | None:
+    """Why a conversation's roles are out of order, or None: an optional system message first,
+    then user and assistant turns alternating from the user's (training records and served
+    requests alike)."""
+    expected = "user"
+    for index, role in enumerate(roles):
+        if role == "system" and index == 0:
+            continue
+        if role != expected:
+            after = roles[index - 1] if index else "the start"
+            return (f"messages[{index}]: {role!r} after {after!r} (turns out of order: an optional "
+                    "system message first, then user and assistant turns alternating)")
+        expected = "assistant" if expected == "user" else "user"
+    return None
 
 
 def parse_instruction(instruction, input_, output) -> tuple[str | None, str | None, str | None]:

@@ -37,7 +37,7 @@ from ray import serve
 from sqlalchemy.exc import DBAPIError
 
 from llmops_dagster import generation
-from llmops_dagster.dataset.formats import ROLES, parse_chat
+from llmops_dagster.dataset.formats import ROLES, turn_order_error
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
 from llmops_dagster.serving import credentials, traffic_log
@@ -106,10 +106,7 @@ class GenerateRequest(BaseModel):
         if self.messages is not None:
             if self.messages[-1].role != "user":
                 raise ValueError("messages: the last turn must be the user's message to answer")
-            # The training data's rules for a conversation (roles, order, empty turns), checked
-            # on it followed by the answer it asks for.
-            error = parse_chat([t.model_dump() for t in self.messages]
-                               + [{"role": "assistant", "content": "answer"}])[3]
+            error = turn_order_error([t.role for t in self.messages])  # the training data's rule
             if error:
                 raise ValueError(error)
         return self
@@ -303,12 +300,12 @@ class ModelServer:
         self.generate_batch.set_max_batch_size(self.config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
 
-    def _answer(self, requests: list[GenerateRequest]) -> list[str]:
+    def _answer(self, requests: list[GenerateRequest], contexts: list[list[dict] | None]) -> list[str]:
         """Greedy answers for a batch, each cut at its own token budget: rendered as the prompt
         set was (rendering.py) and decoded as the eval report scores (generation.py)."""
         ids = [generation.prompt_ids(self.tokenizer, render_prompt(
-            self.renderer, r.user_message(), r.context(), self.tokenizer), self.config.seq_len)
-            for r in requests]
+            self.renderer, r.user_message(), context, self.tokenizer), self.config.seq_len)
+            for r, context in zip(requests, contexts, strict=True)]
         max_new_tokens = [r.max_new_tokens for r in requests]
         return [storable_answer(text).strip()
                 for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
@@ -317,14 +314,15 @@ class ModelServer:
         """Answer a batch and write its request-log rows in one transaction (one round trip a
         batch, not a request); returns (response id, text, latency ms) in order."""
         requests = [request for request, _, _ in batch]
-        texts = self._answer(requests)
+        contexts = [request.context() for request in requests]
+        texts = self._answer(requests, contexts)
         finished = time.perf_counter()
         rows = [{"id": str(uuid.uuid4()), "version": self.config.model_version,
                  "prompt": r.user_message(),
-                 "context": json.dumps(r.context(), ensure_ascii=False) if r.context() else None,
+                 "context": json.dumps(context, ensure_ascii=False) if context else None,
                  "response": text, "max_new_tokens": r.max_new_tokens,
                  "latency": (finished - started) * 1000, "api_key_id": key_id}
-                for (r, started, key_id), text in zip(batch, texts, strict=True)]
+                for (r, started, key_id), context, text in zip(batch, contexts, texts, strict=True)]
         traffic_log.log_requests(self.engine, rows)
         return [(row["id"], row["response"], row["latency"]) for row in rows]
 
