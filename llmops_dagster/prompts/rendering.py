@@ -11,6 +11,7 @@ same conversation (`embedding_text`). Two kinds of renderer:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -90,8 +91,7 @@ def render_prompt(renderer: PromptRenderer, prompt: str, context: list[dict] | s
             return tokenizer.apply_chat_template(messages, chat_template=renderer.text, tokenize=False,
                                                  add_generation_prompt=True)
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
-        return _environment().from_string(renderer.text).render(prompt=prompt, messages=messages,
-                                                                system=system)
+        return _compiled(renderer.text).render(prompt=prompt, messages=messages, system=system)
     except jinja2.TemplateError as error:
         raise RenderingError(f"prompt template {renderer.name!r} fails: {error}") from error
 
@@ -103,9 +103,12 @@ def embedding_text(prompt: str, context: list[dict] | str | None = None) -> str:
     return conversation(prompt, context)[-1]["content"]
 
 
-def _environment() -> jinja2.Environment:
-    """Jinja's immutable sandbox (a template formats its variables and can neither reach Python
+@functools.lru_cache(maxsize=16)
+def _compiled(text: str) -> jinja2.Template:
+    """`text` compiled once a process (compiling cost 0.36 ms a request, rendering 0.008),
+    in Jinja's immutable sandbox (a template formats its variables and can neither reach Python
     internals nor change anything), undefined variables an error."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+    return ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                         keep_trailing_newline=False).from_string(text)

@@ -15,7 +15,7 @@ towards the loop only with a credential, once per answer and rater (the answer s
 Every endpoint that writes is rate limited per key and per source address (429 with Retry-After),
 and the deployment's queue is bounded (503 with Retry-After from Serve's proxy).
 
-Requests are batched with `@serve.batch` and answered by greedy decoding. Every answer goes to
+Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding. Every answer goes to
 `request_log` with the model version, every rating to `feedback`; all SQL is parameterized. Inputs
 are validated by strict pydantic models: a bad type, size or character gets a 4xx that names the
 field, never a 5xx. The deployment class is plain Python, so it builds and tests without a cluster.
@@ -40,7 +40,7 @@ from llmops_dagster import generation
 from llmops_dagster.dataset.formats import ROLES, turn_order_error
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
-from llmops_dagster.serving import credentials, traffic_log
+from llmops_dagster.serving import batching, credentials, traffic_log
 from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
 from llmops_dagster.training.run_config import FinetuneSettings
@@ -191,9 +191,12 @@ class ServingConfig:
     database_url_file: str
     database: str  # the database named without its password (user@host:port/db), for the digest
     lineage: dict  # dataset / prompt-set / base-model versions
-    max_batch_size: int = field(default=8, metadata={"help": "Requests per @serve.batch call."})
-    batch_wait_timeout_s: float = field(default=0.005, metadata={
-        "help": "Longest wait of a lone request for company in its batch (s)."})
+    max_batch_size: int = field(default=8, metadata={
+        "help": "Most requests answered by one generate call. A batch is formed when the model is "
+        "free, from the requests that queued while it was busy (batching.BusyBatcher)."})
+    batch_wait_timeout_s: float = field(default=0.0, metadata={
+        "help": "How long an idle model waits for company after a lone request (s); 0 answers at "
+        "once (a busy model never waits: its next batch queued meanwhile)."})
     seq_len: int = FinetuneSettings.seq_len  # prompt tokens kept: the length the model trained on
     replicas: int = 1  # Serve replicas (RayServeResource.replicas); part of what a deploy changes
     max_replicas_per_node: int | None = None  # RayServeResource.max_replicas_per_node
@@ -297,8 +300,10 @@ class ModelServer:
         self.rate_limits = RateLimits({"generate": self.config.generate_rate_limit,
                                        "feedback": self.config.feedback_rate_limit,
                                        "reviews": self.config.feedback_rate_limit})
-        self.generate_batch.set_max_batch_size(self.config.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.batcher = batching.BusyBatcher(self._generate_batch, self.config.max_batch_size,
+                                            self.config.batch_wait_timeout_s)
+        # Answers' rows are committed by whoever is first after a commit, for all that waited.
+        self.request_log = batching.GroupCommit(lambda rows: traffic_log.log_requests(self.engine, rows))
 
     def _answer(self, requests: list[GenerateRequest], contexts: list[list[dict] | None]) -> list[str]:
         """Greedy answers for a batch, each cut at its own token budget: rendered as the prompt
@@ -310,25 +315,22 @@ class ModelServer:
         return [storable_answer(text).strip()
                 for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
 
-    def _answer_and_log(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
-        """Answer a batch and write its request-log rows in one transaction (one round trip a
-        batch, not a request); returns (response id, text, latency ms) in order."""
+    def _answer_rows(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[dict]:
+        """Answer a batch; one request-log row each (not yet written), in order."""
         requests = [request for request, _, _ in batch]
         contexts = [request.context() for request in requests]
         texts = self._answer(requests, contexts)
         finished = time.perf_counter()
-        rows = [{"id": str(uuid.uuid4()), "version": self.config.model_version,
+        return [{"id": str(uuid.uuid4()), "version": self.config.model_version,
                  "prompt": r.user_message(),
-                 "context": json.dumps(context, ensure_ascii=False) if context else None,
+                 "context": context,
                  "response": text, "max_new_tokens": r.max_new_tokens,
                  "latency": (finished - started) * 1000, "api_key_id": key_id}
                 for (r, started, key_id), context, text in zip(batch, contexts, texts, strict=True)]
-        traffic_log.log_requests(self.engine, rows)
-        return [(row["id"], row["response"], row["latency"]) for row in rows]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[tuple]:
-        return await asyncio.to_thread(self._answer_and_log, batch)
+    async def _generate_batch(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[dict]:
+        # In a worker thread: the event loop keeps taking requests (they queue for the next batch).
+        return await asyncio.to_thread(self._answer_rows, batch)
 
     async def _admit(self, request: Request, endpoint: str) -> credentials.ApiKey | None:
         """Rate limit by key and source address (429), then authenticate the bearer key (401)."""
@@ -355,11 +357,12 @@ class ModelServer:
             raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"},
                                 detail="this deployment answers only requests with an API key "
                                        "(generate_requires_key)")
-        response_id, text, latency_ms = await self.generate_batch(
-            (body, time.perf_counter(), key.id if key else None))
-        return GenerateResponse(response_id=response_id, text=text,
-                                model_version=self.config.model_version, latency_ms=latency_ms,
-                                feedback_token=credentials.feedback_token(self.token_secret, response_id))
+        row = await self.batcher.submit((body, time.perf_counter(), key.id if key else None))
+        # A 200 means the answer's row is committed; the model meanwhile answers the next batch.
+        await self.request_log.commit([row])
+        return GenerateResponse(response_id=row["id"], text=row["response"],
+                                model_version=self.config.model_version, latency_ms=row["latency"],
+                                feedback_token=credentials.feedback_token(self.token_secret, row["id"]))
 
     def _store_feedback(self, feedback: FeedbackRequest, key: credentials.ApiKey | None,
                         address: str | None) -> dict:

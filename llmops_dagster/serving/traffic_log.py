@@ -8,21 +8,30 @@ from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 
 from llmops_dagster.feedback.review import InitialReview, record_initial_acceptance
 from llmops_dagster.serving.credentials import ApiKey, RatingCredential
 
 
+# The columns /v1/generate writes, by their names in the rows handed to log_requests.
+_REQUEST_LOG = sa.table(
+    "request_log", sa.column("response_id", sa.Uuid(as_uuid=False)), sa.column("model_version"),
+    sa.column("prompt"), sa.column("context", JSONB(none_as_null=True)), sa.column("response"),
+    sa.column("max_new_tokens"), sa.column("latency_ms"), sa.column("api_key_id"))
+_INSERT_REQUESTS = sa.insert(_REQUEST_LOG).values(
+    response_id=sa.bindparam("id"), model_version=sa.bindparam("version"),
+    prompt=sa.bindparam("prompt"), context=sa.bindparam("context", type_=JSONB(none_as_null=True)),
+    response=sa.bindparam("response"), max_new_tokens=sa.bindparam("max_new_tokens"),
+    latency_ms=sa.bindparam("latency"), api_key_id=sa.bindparam("api_key_id"))
+
+
 def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
-    """Insert a batch of answers (response id, model version, prompt, the earlier turns of a chat
-    request as JSON text or None, response, max_new_tokens, latency in ms, the asking API key's id
-    or None) in one transaction: one round trip a batch."""
+    """Insert answers (response id, model version, prompt, the earlier turns of a chat request as
+    a list of {role, content} or None, response, max_new_tokens, latency in ms, the asking API
+    key's id or None) in one transaction and one multi-row INSERT: one round trip, one commit."""
     with engine.begin() as connection:
-        connection.execute(
-            sa.text("INSERT INTO request_log (response_id, model_version, prompt, context, response, "
-                    "max_new_tokens, latency_ms, api_key_id) VALUES (:id, :version, :prompt, "
-                    "CAST(:context AS jsonb), :response, :max_new_tokens, :latency, :api_key_id)"),
-            [{"context": None, **row} for row in rows])
+        connection.execute(_INSERT_REQUESTS, [{"context": None, **row} for row in rows])
 
 
 def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None]:
