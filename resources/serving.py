@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from llmops_dagster.serving import ray_cluster
-from llmops_dagster.serving.app import ServingConfig, build_app
+from llmops_dagster.serving.app import REPLICA_CPUS, ServingConfig, build_app
 from llmops_dagster.settings import llmops_home
 
 APP_NAME = "llmops"
@@ -29,6 +29,11 @@ class RayServeResource(dg.ConfigurableResource):
         default=None, ge=1, description="Most replicas on one Ray node (Serve's option): 1 spreads "
         "them one a node and brings a replica back to a node that returns after a loss; None lets "
         "Serve pack them.")
+    max_surge_percent: int = Field(
+        default=100, ge=0, le=100, description="Extra replicas a rollout may start before it stops "
+        "old ones, in percent of `replicas` (Serve's option): 100 keeps every old replica serving "
+        "until its replacement runs, and needs room for them on the cluster; 0 stops old replicas "
+        "first (a cluster without spare room), and requests queue at the proxy meanwhile.")
     local_cpus: int = Field(default=2, description="CPUs of the local head.")
     local_port: int = Field(default=ray_cluster.LOCAL_PORT, description="GCS port of the local head.")
 
@@ -67,6 +72,15 @@ class RayServeResource(dg.ConfigurableResource):
         except (OSError, ValueError):
             return None
 
+    def _rolled_out(self, digest: str) -> bool:
+        """Whether the app runs `digest`'s config everywhere: Serve says RUNNING (the rollout is
+        over, old replicas gone) and /healthz answers with that digest. Raises when Serve says
+        the deploy failed."""
+        status, message = _app_status()
+        if status == "DEPLOY_FAILED":
+            raise dg.Failure(f"Serve could not deploy the serving app: {message}")
+        return status == "RUNNING" and (self.served(timeout_s=5) or {}).get("config_digest") == digest
+
     def served_version(self) -> str | None:
         return (self.served() or {}).get("model_version")
 
@@ -77,6 +91,31 @@ class RayServeResource(dg.ConfigurableResource):
         return dataclasses.replace(config, replicas=self.replicas,
                                    max_replicas_per_node=self.max_replicas_per_node)
 
+    def rollout_surge_percent(self, replicas: int) -> int:
+        """`max_surge_percent`, lowered to the room the cluster has now: the new replicas that a
+        scale-up needs come first, and a surge replica that finds no CPU would stall the rollout
+        (Serve keeps it pending and the old replicas serving). 0 when nothing runs yet."""
+        import ray
+        from ray import serve
+
+        app = serve.status().applications.get(APP_NAME)
+        running = 0 if app is None else sum(
+            n for deployment in app.deployments.values()
+            for state, n in deployment.replica_states.items()
+            if getattr(state, "value", state) == "RUNNING")
+        if running == 0 or self.max_surge_percent == 0:
+            return 0
+        free = int(ray.available_resources().get("CPU", 0) // REPLICA_CPUS)
+        room = max(0, free - max(0, replicas - running))
+        wanted = -(-self.max_surge_percent * replicas // 100)
+        surge = min(wanted, room)
+        if surge < wanted:
+            dg.get_dagster_logger().info(
+                f"rollout surge {surge} replica(s), not {wanted}: the cluster has {free} free "
+                f"replica slot(s) of {REPLICA_CPUS} CPU and the rollout needs "
+                f"{max(0, replicas - running)} for its new replicas first")
+        return surge * 100 // replicas  # Serve rounds up: this gives exactly `surge` replicas
+
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
         """Deploy (or roll out) `config`; return once /healthz answers with its model version."""
         from ray import serve
@@ -84,16 +123,39 @@ class RayServeResource(dg.ConfigurableResource):
         ray_cluster.connect(self.address(), local=self.is_local())
         # No gRPC servicers: Serve starts no gRPC proxy (it would bind "[::]:port", whatever the host).
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
-        serve.run(build_app(self.with_replicas(config)), name=APP_NAME, route_prefix="/",
-                  blocking=False)
+        wanted = self.with_replicas(config)
+        app = build_app(wanted, max_surge_percent=self.rollout_surge_percent(wanted.replicas))
+        # Not serve.run: it waits for the app without a time limit (forever, when a replica
+        # cannot be scheduled); this waits `timeout_s` and then says what Serve reports.
+        serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+                       wait_for_applications_running=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url()}/healthz", timeout=5) as response:
-                    if json.loads(response.read()).get("model_version") == config.model_version:
-                        return self.url()
-            except OSError:
-                pass
-            time.sleep(0.5)
+            if self._rolled_out(wanted.digest()):
+                return self.url()
+            time.sleep(0.2)
         raise dg.Failure(f"the serving app did not answer with model {config.model_version} at "
-                         f"{self.url()}/healthz within {timeout_s:.0f} s")
+                         f"{self.url()}/healthz within {timeout_s:.0f} s{_serve_status_note()}")
+
+
+def _app_status() -> tuple[str, str]:
+    """The app's status and Serve's message about it ("", "" when it is not deployed)."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return ("", "") if app is None else (str(getattr(app.status, "value", app.status)), app.message)
+
+
+def _serve_status_note() -> str:
+    """What Serve says of the app's deployments (e.g. a replica that cannot be scheduled: a rollout
+    with max_surge_percent needs room for the new replicas beside the old), for an error message."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:  # noqa: BLE001 - only a note on an error already being raised
+        return ""
+    if app is None:
+        return ""
+    notes = [f"{name}: {d.status} {d.message}".strip() for name, d in app.deployments.items() if d.message]
+    return ("; Serve says: " + " | ".join(notes)) if notes else ""

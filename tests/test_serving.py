@@ -1,6 +1,7 @@
 """The served model on a real Ray Serve over HTTP, with its logs in the real PostgreSQL."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 
@@ -45,6 +46,33 @@ def test_generate_and_feedback_round_trip(served_model):
         served_model["version"], -1, "Order A12345 ships today.")
     with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
         assert json.loads(response.read())["model_version"] == served_model["version"]
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_answer_logged_once(served_model):
+    """Sixteen different prompts at once queue while the model is busy and are answered in
+    batches (padded to the longest): each gets the greedy answer it gets alone, with its own
+    response id, and each answer's request-log row is committed before its 200."""
+    url, engine = served_model["url"], served_model["engine"]
+    prompts = [f"Where is my order A{10000 + 7 * i}?" if i % 2 else
+               f"How do I reset the password of account {i} after the last {i * 3} attempts failed?"
+               for i in range(16)]
+    alone = {prompt: post(f"{url}/v1/generate", {"prompt": prompt, "max_new_tokens": 12})[1]["text"]
+             for prompt in prompts[:4]}
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda prompt: post(
+            f"{url}/v1/generate", {"prompt": prompt, "max_new_tokens": 12}), prompts))
+    assert all(status == 200 for status, _ in answers), answers
+    assert all(answers[i][1]["text"] == alone[prompt] for i, prompt in enumerate(prompts[:4]))
+    ids = [answer["response_id"] for _, answer in answers]
+    assert len(set(ids)) == 16
+    with engine.connect() as connection:
+        rows = connection.execute(sa.text(
+            "SELECT response_id::text AS id, prompt, response FROM request_log "
+            "WHERE response_id = ANY(CAST(:ids AS uuid[]))"), {"ids": ids}).all()
+    logged = {row.id: (row.prompt, row.response) for row in rows}
+    assert len(rows) == 16
+    assert all(logged[answer["response_id"]] == (prompt, answer["text"])
+               for prompt, (_, answer) in zip(prompts, answers, strict=True))
 
 
 def test_bad_input_gets_a_4xx_naming_the_field(served_model):

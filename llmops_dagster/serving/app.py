@@ -275,7 +275,10 @@ async def _database_unavailable(request, error: DBAPIError) -> Response:
                     status_code=503, media_type="application/json", headers={"Retry-After": "1"})
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+REPLICA_CPUS = 1  # Ray CPUs a replica holds (one torch thread)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, max_ongoing_requests=64)
 @serve.ingress(api)
 class ModelServer:
     """One replica: the tokenizer and model, a DB engine, and the batched generate."""
@@ -435,9 +438,10 @@ class ModelServer:
                                                 "X-Content-Type-Options": "nosniff"})
 
 
-def build_app(config: ServingConfig) -> serve.Application:
+def build_app(config: ServingConfig, max_surge_percent: int = 0) -> serve.Application:
     """The Serve application for `config` (not yet running): a bounded queue at the proxy, whose
-    overflow is answered 503 with Retry-After."""
+    overflow is answered 503 with Retry-After. `max_surge_percent`: how a rollout to it replaces
+    running replicas (a rollout option, not part of what a replica serves or of its digest)."""
     from ray.serve.config import BackpressureConfig
 
     return ModelServer.options(
@@ -445,4 +449,11 @@ def build_app(config: ServingConfig) -> serve.Application:
         **({"max_replicas_per_node": config.max_replicas_per_node}
            if config.max_replicas_per_node else {}),
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+        # Above 0, a rollout starts new replicas before it stops old ones (0, Serve's default,
+        # stops first: a one-replica deployment then has none for the new one's start, about 6 s
+        # here, its requests queued at the proxy and 503s once the queue is full).
+        max_surge_percent=max_surge_percent,
+        # A replaced replica checks every 0.5 s (Serve's default 2 s) whether its last requests
+        # are answered, so a swap ends sooner; its answers are never cut short.
+        graceful_shutdown_wait_loop_s=0.5,
     ).bind(asdict(config))
