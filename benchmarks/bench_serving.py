@@ -279,7 +279,7 @@ def throughput(client: Client, requests: int) -> tuple[float, dict[str, float]]:
         rate = requests / (time.perf_counter() - started)
     after = process_cpu_s()
     return rate, {role: (after[role] - before.get(role, 0.0)) * 1000 / requests for role in after
-                  if after[role] - before.get(role, 0.0) > 0.0005 * requests}
+                  if after[role] - before.get(role, 0.0) > 0.00005 * requests}  # over 0.05 ms
 
 
 def cpu_line(cpu_ms: dict[str, float]) -> str:
