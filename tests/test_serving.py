@@ -1,9 +1,9 @@
 """The served model on a real Ray Serve over HTTP, with its logs in the real PostgreSQL."""
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 

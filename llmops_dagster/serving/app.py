@@ -15,8 +15,9 @@ towards the loop only with a credential, once per answer and rater (the answer s
 Every endpoint that writes is rate limited per key and per source address (429 with Retry-After),
 and the deployment's queue is bounded (503 with Retry-After from Serve's proxy).
 
-Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding. Every answer goes to
-`request_log` with the model version, every rating to `feedback`; all SQL is parameterized. Inputs
+Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding.
+Every answer goes to `request_log` with the model version (committed before its 200, with the rows
+of the answers that finished beside it), every rating to `feedback`; all SQL is parameterized. Inputs
 are validated by strict pydantic models: a bad type, size or character gets a 4xx that names the
 field, never a 5xx. The deployment class is plain Python, so it builds and tests without a cluster.
 """

@@ -13,7 +13,6 @@ from sqlalchemy.dialects.postgresql import JSONB
 from llmops_dagster.feedback.review import InitialReview, record_initial_acceptance
 from llmops_dagster.serving.credentials import ApiKey, RatingCredential
 
-
 # The columns /v1/generate writes, by their names in the rows handed to log_requests.
 _REQUEST_LOG = sa.table(
     "request_log", sa.column("response_id", sa.Uuid(as_uuid=False)), sa.column("model_version"),
