@@ -72,12 +72,13 @@ class RayServeResource(dg.ConfigurableResource):
         except (OSError, ValueError):
             return None
 
-    def _rolled_out(self, digest: str) -> bool:
+    def _rolled_out(self, digest: str, since: float) -> bool:
         """Whether the app runs `digest`'s config everywhere: Serve says RUNNING (the rollout is
         over, old replicas gone) and /healthz answers with that digest. Raises when Serve says
-        the deploy failed."""
-        status, message = _app_status()
-        if status == "DEPLOY_FAILED":
+        that a deploy made at or after `since` (time.time()) failed; an earlier failure is the
+        state this deploy replaces."""
+        status, message, deployed_at = _app_status()
+        if status == "DEPLOY_FAILED" and deployed_at >= since:
             raise dg.Failure(f"Serve could not deploy the serving app: {message}")
         return status == "RUNNING" and (self.served(timeout_s=5) or {}).get("config_digest") == digest
 
@@ -117,7 +118,8 @@ class RayServeResource(dg.ConfigurableResource):
         return surge * 100 // replicas  # Serve rounds up: this gives exactly `surge` replicas
 
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
-        """Deploy (or roll out) `config`; return once /healthz answers with its model version."""
+        """Deploy (or roll out) `config`; return once every replica serves it (Serve says RUNNING
+        and /healthz answers with its config digest), or fail after `timeout_s`."""
         from ray import serve
 
         ray_cluster.connect(self.address(), local=self.is_local())
@@ -127,23 +129,27 @@ class RayServeResource(dg.ConfigurableResource):
         app = build_app(wanted, max_surge_percent=self.rollout_surge_percent(wanted.replicas))
         # Not serve.run: it waits for the app without a time limit (forever, when a replica
         # cannot be scheduled); this waits `timeout_s` and then says what Serve reports.
+        since = time.time() - 1  # Serve's deploy time, in its clock's whole-second slack
         serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
                        wait_for_applications_running=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._rolled_out(wanted.digest()):
+            if self._rolled_out(wanted.digest(), since):
                 return self.url()
             time.sleep(0.2)
         raise dg.Failure(f"the serving app did not answer with model {config.model_version} at "
                          f"{self.url()}/healthz within {timeout_s:.0f} s{_serve_status_note()}")
 
 
-def _app_status() -> tuple[str, str]:
-    """The app's status and Serve's message about it ("", "" when it is not deployed)."""
+def _app_status() -> tuple[str, str, float]:
+    """The app's status, Serve's message about it and when it was last deployed (time.time());
+    ("", "", 0) when it is not deployed."""
     from ray import serve
 
     app = serve.status().applications.get(APP_NAME)
-    return ("", "") if app is None else (str(getattr(app.status, "value", app.status)), app.message)
+    if app is None:
+        return "", "", 0.0
+    return str(getattr(app.status, "value", app.status)), app.message, app.last_deployed_time_s
 
 
 def _serve_status_note() -> str:
