@@ -97,9 +97,8 @@ class RayServeResource(dg.ConfigurableResource):
         scale-up needs come first, and a surge replica that finds no CPU would stall the rollout
         (Serve keeps it pending and the old replicas serving). 0 when nothing runs yet."""
         import ray
-        from ray import serve
 
-        app = serve.status().applications.get(APP_NAME)
+        app = _app_overview()
         running = 0 if app is None else sum(
             n for deployment in app.deployments.values()
             for state, n in deployment.replica_states.items()
@@ -141,12 +140,17 @@ class RayServeResource(dg.ConfigurableResource):
                          f"{self.url()}/healthz within {timeout_s:.0f} s{_serve_status_note()}")
 
 
+def _app_overview():
+    """What Serve reports of the app (its ApplicationStatusOverview), None when it is not deployed."""
+    from ray import serve
+
+    return serve.status().applications.get(APP_NAME)
+
+
 def _app_status() -> tuple[str, str, float]:
     """The app's status, Serve's message about it and when it was last deployed (time.time());
     ("", "", 0) when it is not deployed."""
-    from ray import serve
-
-    app = serve.status().applications.get(APP_NAME)
+    app = _app_overview()
     if app is None:
         return "", "", 0.0
     return str(getattr(app.status, "value", app.status)), app.message, app.last_deployed_time_s
@@ -155,10 +159,8 @@ def _app_status() -> tuple[str, str, float]:
 def _serve_status_note() -> str:
     """What Serve says of the app's deployments (e.g. a replica that cannot be scheduled: a rollout
     with max_surge_percent needs room for the new replicas beside the old), for an error message."""
-    from ray import serve
-
     try:
-        app = serve.status().applications.get(APP_NAME)
+        app = _app_overview()
     except Exception:  # noqa: BLE001 - only a note on an error already being raised
         return ""
     if app is None:

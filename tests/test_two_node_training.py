@@ -56,8 +56,6 @@ def stage(resources, instance):
     return finetune
 
 
-
-
 def training_processes() -> list[psutil.Process]:
     """Live launchers and ranks of any fine-tune (their command lines name a run file)."""
     found = []

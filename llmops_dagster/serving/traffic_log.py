@@ -20,7 +20,7 @@ _REQUEST_LOG = sa.table(
     sa.column("max_new_tokens"), sa.column("latency_ms"), sa.column("api_key_id"))
 _INSERT_REQUESTS = sa.insert(_REQUEST_LOG).values(
     response_id=sa.bindparam("id"), model_version=sa.bindparam("version"),
-    prompt=sa.bindparam("prompt"), context=sa.bindparam("context", type_=JSONB(none_as_null=True)),
+    prompt=sa.bindparam("prompt"), context=sa.bindparam("context"),  # typed by its column
     response=sa.bindparam("response"), max_new_tokens=sa.bindparam("max_new_tokens"),
     latency_ms=sa.bindparam("latency"), api_key_id=sa.bindparam("api_key_id"))
 
