@@ -4,7 +4,8 @@
     llmops env                   print the environment `dagster dev` needs (for `eval`)
     llmops db start|stop|url     the embedded server (start is implied by every other command)
     llmops serve stop|status     the local Ray head that serving starts (not a cluster given by address)
-    llmops ui [--port N]         `dagster dev` (webserver and daemon) that stops on Ctrl-C and SIGTERM
+    llmops ui [--port N] [--operate]   the Dagster UI (webserver and daemon): read-only to browse;
+                                 --operate: launch runs, under a secret path only this OS user can read
     llmops status                the registry's production version, the served one, runs in flight
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
     llmops trace RESPONSE_ID [--html FILE]   a served answer back to its model, prompt set, dataset
@@ -29,9 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 from datetime import UTC
+from pathlib import Path
 
 import sqlalchemy as sa
 
@@ -84,7 +87,8 @@ def cmd_db(args: argparse.Namespace) -> int:
         print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
         return 0
     url = resource.url()
-    resource.engine()  # migrated
+    with resource.engine().connect() as connection:  # migrated, and this role's login works
+        connection.execute(sa.text("SELECT 1"))
     shown = database.redacted(url)  # a password never reaches a terminal or a log
     print(shown if args.action == "url" else f"PostgreSQL ready at {shown}")
     return 0
@@ -109,10 +113,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from llmops_dagster.ui import run_dagster_dev
+    from llmops_dagster import ui
 
+    auth_proxy = args.behind_auth_proxy or os.environ.get(ui.AUTH_PROXY_ENV, "")
+    try:  # before anything starts: the database, the webserver, the daemon
+        ui.check_binding(args.host, args.operate, auth_proxy)
+        ui.check_port_free(args.host, args.port)
+    except ui.UiRefused as error:
+        print(f"llmops ui: {error}", file=sys.stderr)
+        return 2
     _prepare_instance_env()
-    return run_dagster_dev(dict(os.environ), host=args.host, port=args.port)
+    return ui.run_ui(dict(os.environ), host=args.host, port=args.port, operate=args.operate)
 
 
 def cmd_status(_: argparse.Namespace) -> int:
@@ -185,6 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as error:
         print(f"llmops run: --config is not JSON: {error.msg} at character {error.pos}", file=sys.stderr)
         return 2
+    except RecursionError:
+        print("llmops run: --config is not JSON this decoder reads: nested too deep", file=sys.stderr)
+        return 2
     if not isinstance(run_config, dict):
         print("llmops run: --config must be a JSON object ({\"ops\": {...}})", file=sys.stderr)
         return 2
@@ -197,7 +211,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         jobs = sorted(job.name for job in defs.jobs or [])
         if args.job not in jobs:
-            print(f"llmops run: --job {args.job!r} is not a job; one of {jobs}", file=sys.stderr)
+            print(f"llmops run: --job {_shown(args.job)} is not a job; one of {jobs}", file=sys.stderr)
+            return 2
+        try:
+            dg.validate_run_config(defs.resolve_job_def(args.job), run_config)
+        except dg.DagsterInvalidConfigError as error:
+            # Dagster's messages end with the whole schema ("Expected: ..."): the entry is enough.
+            problems = "; ".join(" ".join(e.message.split(" Expected:")[0].split()) for e in error.errors)
+            print(f"llmops run: --config does not fit job {args.job}: {(problems or str(error))[:500]}",
+                  file=sys.stderr)
             return 2
         _prepare_instance_env()
         instance = dg.DagsterInstance.get()
@@ -316,11 +338,11 @@ def _models_show(engine: sa.Engine, args: argparse.Namespace) -> None:
     model = registry.get(engine, args.version)
     for name, value in vars(model).items():
         shown = json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
-        print(f"{name:20} {shown}")
+        print(f"{name:20} {_printable(str(shown))}")
     print("\naudit log:")
     for entry in registry.audit_log(engine, args.version):
         print(f"  {entry['at']:%Y-%m-%d %H:%M:%S}  {entry['from_stage'] or '-'} -> {entry['to_stage']}  "
-              f"by {entry['actor']}: {entry['reason']}")
+              f"by {_printable(entry['actor'])}: {_printable(entry['reason'])}")
 
 
 def _models_approve(engine: sa.Engine, args: argparse.Namespace) -> None:
@@ -342,7 +364,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     try:
         args.action(_database().engine(), args)
     except registry.RegistryError as error:
-        print(error, file=sys.stderr)
+        print(f"llmops models: {error}", file=sys.stderr)
         return 2
     return 0
 
@@ -353,21 +375,21 @@ def _add_models_parser(commands) -> None:
     actions = models.add_subparsers(dest="models_command", required=True)
     actions.add_parser("list", help="registered versions, newest first").set_defaults(action=_models_list)
     show = actions.add_parser("show", help="one version and its audit log")
-    show.add_argument("version", type=utf8_text)
+    show.add_argument("version", type=plain_text)
     show.set_defaults(action=_models_show)
     approve = actions.add_parser("approve", help="promote a version to production")
-    approve.add_argument("version", type=utf8_text)
-    approve.add_argument("--by", type=utf8_text, help="approver (default: $USER)")
-    approve.add_argument("--reason", type=utf8_text, default="approved by hand")
+    approve.add_argument("version", type=plain_text)
+    approve.add_argument("--by", type=person, help="approver (default: $USER)")
+    approve.add_argument("--reason", type=reason, default="approved by hand")
     approve.set_defaults(action=_models_approve)
     reject = actions.add_parser("reject", help="withdraw a candidate")
-    reject.add_argument("version", type=utf8_text)
-    reject.add_argument("--reason", type=utf8_text, required=True)
-    reject.add_argument("--by", type=utf8_text, help="who decides (default: $USER)")
+    reject.add_argument("version", type=plain_text)
+    reject.add_argument("--reason", type=reason, required=True)
+    reject.add_argument("--by", type=person, help="who decides (default: $USER)")
     reject.set_defaults(action=_models_reject)
     rollback = actions.add_parser("rollback", help="restore the previous production version")
-    rollback.add_argument("--reason", type=utf8_text, required=True)
-    rollback.add_argument("--by", type=utf8_text, help="who decides (default: $USER)")
+    rollback.add_argument("--reason", type=reason, required=True)
+    rollback.add_argument("--by", type=person, help="who decides (default: $USER)")
     rollback.set_defaults(action=_models_rollback)
 
 
@@ -379,18 +401,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_command == "create":
             key, secret = credentials.create_key(engine, args.name, args.role, created_by=_actor(args))
             # The key goes to stdout alone, so `KEY=$(llmops keys create ...)` captures just it.
-            print(f"created {key.role} key {key.name!r}; it is shown this once:", file=sys.stderr)
+            print(f"created {key.role} key {key.name}; it is shown this once:", file=sys.stderr)
             print(secret)
         elif args.keys_command == "revoke":
             key = credentials.revoke_key(engine, args.name, revoked_by=_actor(args))
-            print(f"key {key.name!r} revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}")
+            print(f"key {_printable(key.name)} revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S}")
         else:
             keys = credentials.list_keys(engine)
             for key in keys:
-                state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M} by {key.revoked_by}" if key.revoked_at
-                         else "live")
-                print(f"{key.name:24} {key.role:9} {key.key_prefix}...  created "
-                      f"{key.created_at:%Y-%m-%d %H:%M} by {key.created_by}  {state}")
+                # Names from before the alphabet of key_name, and --by, are printed escaped.
+                state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M} by {_printable(key.revoked_by)}"
+                         if key.revoked_at else "live")
+                print(f"{_printable(key.name):24} {key.role:9} {key.key_prefix}...  created "
+                      f"{key.created_at:%Y-%m-%d %H:%M} by {_printable(key.created_by)}  {state}")
             if not keys:
                 print("no API keys yet: llmops keys create NAME --role client|rater|reviewer")
     except credentials.CredentialError as error:
@@ -438,18 +461,22 @@ def cmd_feedback(args: argparse.Namespace) -> int:
             answers, ratings = review.purge_answers(engine, args.until, actor=actor, reason=args.reason)
             print(f"deleted {answers} answers logged before {args.until:%Y-%m-%d %H:%M:%S} and purged "
                   f"{len(ratings)} ratings of them")
+            for line in ratings.report_lines():  # files redacted, model versions flagged
+                print(f"  {line}")
             return 0
         if args.feedback_command == "purge":
             which = review.PurgeFilter(ids=tuple(args.id or ()), key_name=args.key, since=args.since,
                                        until=args.until)
             purged = review.purge(engine, which, actor=actor, reason=args.reason)
             print(f"purged {len(purged)} feedback rows" + (f": {purged[:20]}" if purged else ""))
+            for line in purged.report_lines():  # files redacted, model versions flagged
+                print(f"  {line}")
             return 0
         if not (args.accept or args.reject):
             return _review_interactively(engine, actor)
         for ids, decision in ((args.accept or [], "accept"), (args.reject or [], "reject")):
             for feedback_id in ids:
-                result = review.decide(engine, feedback_id, decision, actor, args.note)
+                result = review.decide(engine, feedback_id, decision, actor, args.note or "")
                 print(f"feedback {result.feedback_id}: {result.state} by {result.reviewed_by}")
     except review.ReviewError as error:
         print(f"llmops feedback: {error}", file=sys.stderr)
@@ -462,40 +489,39 @@ def _add_trust_parsers(commands) -> None:
     keys.set_defaults(handler=cmd_keys)
     key_actions = keys.add_subparsers(dest="keys_command", required=True)
     create = key_actions.add_parser("create", help="a new key, printed once")
-    create.add_argument("name", type=utf8_text)
+    create.add_argument("name", type=key_name, help="letters, digits, '.', '_' or '-' (1 to 64)")
     create.add_argument("--role", required=True, choices=["client", "rater", "reviewer"])
-    create.add_argument("--by", type=utf8_text, help="who creates it (default: $USER)")
+    create.add_argument("--by", type=person, help="who creates it (default: $USER)")
     key_actions.add_parser("list", help="every key, never the key itself")
     revoke = key_actions.add_parser("revoke", help="revoke a key (its name is never reused)")
-    revoke.add_argument("name", type=utf8_text)
-    revoke.add_argument("--by", type=utf8_text, help="who revokes it (default: $USER)")
+    revoke.add_argument("name", type=plain_text)
+    revoke.add_argument("--by", type=person, help="who revokes it (default: $USER)")
 
     feedback = commands.add_parser("feedback", help="review corrections, purge feedback")
     feedback.set_defaults(handler=cmd_feedback)
     actions = feedback.add_subparsers(dest="feedback_command", required=True)
     review_parser = actions.add_parser("review", help="accept or reject corrections waiting for review")
-    review_parser.add_argument("--accept", type=positive_int, nargs="+", metavar="ID")
-    review_parser.add_argument("--reject", type=positive_int, nargs="+", metavar="ID")
-    review_parser.add_argument("--note", type=utf8_text, default="", help="why (kept in the audit log)")
-    review_parser.add_argument("--by", type=utf8_text, help="reviewer (default: $USER)")
+    review_parser.add_argument("--accept", type=row_id, nargs="+", metavar="ID")
+    review_parser.add_argument("--reject", type=row_id, nargs="+", metavar="ID")
+    review_parser.add_argument("--note", type=reason, help="why (kept in the audit log)")
+    review_parser.add_argument("--by", type=person, help="reviewer (default: $USER)")
     purge = actions.add_parser("purge", help="delete feedback rows, leaving audit records")
-    purge.add_argument("--id", type=positive_int, nargs="+", metavar="ID")
-    purge.add_argument("--key", type=utf8_text, help="rows sent with this API key (its name)")
+    purge.add_argument("--id", type=row_id, nargs="+", metavar="ID")
+    purge.add_argument("--key", type=plain_text, help="rows sent with this API key (its name)")
     purge.add_argument("--since", type=timestamp, help="rows created at or after (ISO 8601)")
     purge.add_argument("--until", type=timestamp, help="rows created before (ISO 8601)")
-    purge.add_argument("--reason", type=utf8_text, required=True, help="why (kept in the audit log)")
-    purge.add_argument("--by", type=utf8_text, help="who purges (default: $USER)")
+    purge.add_argument("--reason", type=reason, required=True, help="why (kept in the audit log)")
+    purge.add_argument("--by", type=person, help="who purges (default: $USER)")
     answers = actions.add_parser("purge-answers",
                                  help="delete answers (request_log) logged before a time, and their ratings")
     answers.add_argument("--until", type=timestamp, required=True, help="answers logged before (ISO 8601)")
-    answers.add_argument("--reason", type=utf8_text, required=True, help="why (kept in the audit log)")
-    answers.add_argument("--by", type=utf8_text, help="who purges (default: $USER)")
+    answers.add_argument("--reason", type=reason, required=True, help="why (kept in the audit log)")
+    answers.add_argument("--by", type=person, help="who purges (default: $USER)")
 
 
 def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
     """The trace as an HTML page whose products link to their materializations in the Dagster UI."""
     import types
-    from pathlib import Path
 
     import dagster as dg
 
@@ -508,7 +534,7 @@ def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
     versions["serving_deployment"] = model.version
     with dg.DagsterInstance.get() as instance:
         links = materialization_links(instance, versions, base_url=ui_url)
-    Path(path).write_text(trace_html(chain, links), encoding="utf-8")
+    Path(path).write_text(trace_html(chain, links), encoding="utf-8")  # checked by html_file
     print(f"trace page written to {path}")
 
 
@@ -518,10 +544,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     try:
         chain = trace(_database().engine(), args.response_id, sample_rows=args.rows)
     except TraceError as error:
-        print(f"trace: {error}", file=sys.stderr)
+        print(f"llmops trace: {error}", file=sys.stderr)
         return 2
     if args.html:
-        _write_trace_page(chain, args.html, args.ui_url)
+        try:
+            _write_trace_page(chain, args.html, args.ui_url)
+        except OSError as error:
+            print(f"llmops trace: --html {_shown(args.html)}: {error.strerror}", file=sys.stderr)
+            return 2
     response, model = chain["response"], chain["model_version"]
     prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]
     print(f"response      {response['response_id']} at {response['created_at']:%Y-%m-%d %H:%M:%S}")
@@ -551,15 +581,37 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(value: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+def _shown(value: str, limit: int = 60) -> str:
+    """`value` quoted for a one-line message: escaped (repr) and cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def _printable(text: str | None) -> str:
+    """Text from the database as it may be printed on a terminal: as is when printable, else
+    escaped (a control character in a name or reason could rewrite the terminal)."""
+    text = "" if text is None else str(text)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def _bounded_int(low: int, high: int):
+    """An argparse type: a whole number from `low` to `high`."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{_shown(value)} is not a whole number") from None
+        if number < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+        if number > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {_shown(value)}")
+        return number
+    return parse
+
+
+positive_int = _bounded_int(1, 10_000)  # rows to show
+row_id = _bounded_int(1, 2**63 - 1)  # a PostgreSQL bigint id
+tcp_port = _bounded_int(1, 65_535)
 
 
 def utf8_text(value: str) -> str:
@@ -571,6 +623,80 @@ def utf8_text(value: str) -> str:
     return value
 
 
+def plain_text(value: str) -> str:
+    """An argparse type: one line of UTF-8 text without control characters, 1 to 200 characters."""
+    utf8_text(value)
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{_shown(value)} holds a control character or line break")
+    if not value.strip() or len(value) > 200:
+        raise argparse.ArgumentTypeError("must be 1 to 200 characters, not blank")
+    return value
+
+
+def reason(value: str) -> str:
+    """An argparse type: why (kept in an audit log): one line, not blank, at most 2000 characters."""
+    utf8_text(value)
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must say why: it is empty")
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError("holds a control character or line break (one line, please)")
+    if len(value) > 2000:
+        raise argparse.ArgumentTypeError(f"is {len(value)} characters; at most 2000")
+    return value.strip()
+
+
+def person(value: str) -> str:
+    """An argparse type: who acts (an audit log's actor): one line, not blank, at most 64 characters."""
+    utf8_text(value)
+    if not value.strip() or len(value) > 64 or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not a name (1 to 64 printable characters)")
+    return value.strip()
+
+
+KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def key_name(value: str) -> str:
+    """An argparse type: an API key's name, as credentials.create_key accepts it."""
+    if not KEY_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not a key name: 1 to 64 letters, digits, "
+                                         "'.', '_' or '-'")
+    return value
+
+
+def html_file(value: str) -> str:
+    """An argparse type: a file to write, in a folder that exists, not a folder itself."""
+    utf8_text(value)
+    path = Path(value)
+    if not value or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is a folder, not a file")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{_shown(value)}: its folder does not exist")
+    return value
+
+
+def http_url(value: str) -> str:
+    """An argparse type: an http:// or https:// address (the page's links point there)."""
+    from urllib.parse import urlsplit
+
+    utf8_text(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not an http:// or https:// address")
+    return value
+
+
+def host_name(value: str) -> str:
+    """An argparse type: an address or host name to bind (checked for loopback by `llmops ui`)."""
+    utf8_text(value)
+    if not value or len(value) > 253 or not value.isprintable() or " " in value:
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not an address")
+    return value
+
+
 def timestamp(value: str):
     """An argparse type: an ISO 8601 date or time (UTC when it names no zone)."""
     from datetime import datetime
@@ -578,7 +704,7 @@ def timestamp(value: str):
     try:
         parsed = datetime.fromisoformat(utf8_text(value))
     except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"{value!r} is not an ISO 8601 date or time") from None
+        raise argparse.ArgumentTypeError(f"{_shown(value)} is not an ISO 8601 date or time") from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -593,12 +719,19 @@ def response_id(value: str) -> str:
                                          ) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmops", description=__doc__.splitlines()[0])
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one line naming the argument on stderr, exit status 2 (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {' '.join(message.split())}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="llmops", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="materialize a job into the persistent instance")
-    run.add_argument("--job", default="main")
-    run.add_argument("--config", default="", help="run config as JSON")
+    run.add_argument("--job", type=utf8_text, default="main")
+    run.add_argument("--config", type=utf8_text, default="", help="run config as JSON")
     run.add_argument("--no-traffic", action="store_true", help="skip the sample requests and trace")
     run.set_defaults(handler=cmd_run)
     commands.add_parser("env", help="environment for dagster dev").set_defaults(handler=cmd_env)
@@ -609,25 +742,93 @@ def main(argv: list[str] | None = None) -> int:
     db.set_defaults(handler=cmd_db)
     serve = commands.add_parser("serve", help="the local Ray head serving runs on")
     serve.add_argument("action", choices=["stop", "status"])
-    serve.add_argument("--port", type=int, help="GCS port of the local head (default 6390)")
+    serve.add_argument("--port", type=tcp_port, help="GCS port of the local head (default 6390)")
     serve.set_defaults(handler=cmd_serve)
-    ui = commands.add_parser("ui", help="dagster dev that stops on SIGTERM and SIGINT")
-    ui.add_argument("--host", default="127.0.0.1", help="where the webserver listens")
-    ui.add_argument("--port", type=int, default=3000, help="port of the webserver")
+    ui = commands.add_parser("ui", help="the Dagster UI: read-only, or --operate for this OS user")
+    ui.add_argument("--host", type=host_name, default="127.0.0.1",
+                    help="where the webserver listens: loopback, unless --behind-auth-proxy")
+    ui.add_argument("--port", type=tcp_port, default=3000, help="port of the webserver (1-65535)")
+    ui.add_argument("--operate", action="store_true",
+                    help="the operating UI (launch runs, switch schedules and sensors) on loopback, "
+                         "under a secret path kept in $LLMOPS_HOME/ui/operate_url (mode 0600)")
+    ui.add_argument("--behind-auth-proxy", type=plain_text, metavar="NAME",
+                    help="the authenticating proxy in front of a non-loopback --host (or "
+                         "$LLMOPS_UI_AUTH_PROXY); read-only UI only")
     ui.set_defaults(handler=cmd_ui)
     quarantine = commands.add_parser("quarantine", help="newest quarantined rows")
-    quarantine.add_argument("-n", type=positive_int, default=20, help="rows to show")
+    quarantine.add_argument("-n", type=positive_int, default=20, help="rows to show (1-10000)")
     quarantine.set_defaults(handler=cmd_quarantine)
     _add_models_parser(commands)
     _add_trust_parsers(commands)
     trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
     trace.add_argument("response_id", type=response_id)
     trace.add_argument("--rows", type=positive_int, default=5, help="source rows to show")
-    trace.add_argument("--html", default="", help="also write the trace as an HTML page to this file")
-    trace.add_argument("--ui-url", default=os.environ.get("LLMOPS_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
+    trace.add_argument("--html", type=html_file,
+                       help="also write the trace as an HTML page to this file")
+    trace.add_argument("--ui-url", type=http_url,
+                       default=os.environ.get("LLMOPS_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
                        help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL or make ui's)")
     trace.set_defaults(handler=cmd_trace)
-    args = parser.parse_args(argv)
+    return parser
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+DATABASE_URL_SETTINGS = ("LLMOPS_DATABASE_URL", "LLMOPS_DATABASE_OWNER_URL", "LLMOPS_DAGSTER_DATABASE_URL")
+# psycopg's first line when a server cannot be reached or refuses the login (not a failed query).
+_CONNECTION_FAILURES = ("connection to server", "could not connect", "could not translate host",
+                        "password authentication failed", "no password supplied", "fatal:")
+
+
+def _redacted_text(text: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
+def _connection_refusal(error: BaseException) -> str | None:
+    """One line for a database that cannot be reached or refuses the login, naming the settings
+    that chose it (passwords redacted); None for any other error."""
+    from llmops_dagster.database import redacted
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if type(seen).__name__ == "OperationalError":  # sqlalchemy's, psycopg2's or psycopg's
+            first = str(getattr(seen, "orig", None) or seen).strip().splitlines()
+            line = " ".join(first[0].split()) if first else type(seen).__name__
+            if line.lower().startswith(_CONNECTION_FAILURES) or "connection to server" in line:
+                named = [f"{name}={redacted(os.environ[name].strip())}" for name in DATABASE_URL_SETTINGS
+                         if os.environ.get(name, "").strip()]
+                where = ("check " + ", ".join(named)) if named else \
+                    "the embedded server under $LLMOPS_HOME/pg (LLMOPS_DATABASE_URL is not set)"
+                return _redacted_text(f"the database cannot be used ({line[:300]}); {where}")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _log_unexpected(command: str) -> Path:
+    """The current exception's traceback in a new 0600 file under $LLMOPS_HOME/logs/ (or the
+    temporary folder, when that cannot be written); its path."""
+    import tempfile
+    import time
+    import traceback
+
+    text = _redacted_text(traceback.format_exc())
+    name = f"llmops-{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-"
+    try:
+        from llmops_dagster.settings import llmops_home
+
+        folder = llmops_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, path = tempfile.mkstemp(prefix=name, suffix=".log", dir=folder)
+    except Exception:  # noqa: BLE001 (an unusable LLMOPS_HOME must not hide the first error)
+        descriptor, path = tempfile.mkstemp(prefix=name, suffix=".log")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as log:
+        log.write(text)
+    return Path(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 2 a bad argument or setting (one line naming it), 1 anything else
+    (one line and the log file holding its traceback). Bad arguments exit through SystemExit(2)."""
+    args = build_parser().parse_args(argv)
     from llmops_dagster.database import DatabaseConfigError
     from llmops_dagster.embedded_auth import EmbeddedAuthError
     from llmops_dagster.settings import SettingError
@@ -635,8 +836,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (SettingError, DatabaseConfigError, EmbeddedAuthError) as error:
-        print(f"llmops {args.command}: {error}", file=sys.stderr)  # a setting, named: no traceback
+        print(f"llmops {args.command}: {' '.join(str(error).split())}", file=sys.stderr)  # a setting, named
         return 2
+    except KeyboardInterrupt:
+        print(f"llmops {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 (the one place that turns a traceback into a log file)
+        refusal = _connection_refusal(error)
+        if refusal is not None:
+            print(f"llmops {args.command}: {refusal}", file=sys.stderr)
+            return 2
+        log = _log_unexpected(args.command)
+        message = _redacted_text(" ".join(str(error).split()))[:200]
+        print(f"llmops {args.command}: unexpected error {type(error).__name__}: {message}; "
+              f"traceback in {log}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,20 +1,29 @@
 """Where products live: one write-once folder a version under a configurable root, on storage that
-is swapped by a setting: this machine's disk, or a filesystem every node mounts."""
+is swapped by a setting: this machine's disk, or a filesystem every node mounts.
+
+Products hold people's questions and corrections (datasets, prompt sets) and models trained on
+them, so only the platform's user reads them: folders 0700, files 0600, the root included."""
 
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from llmops_dagster.dataset.sources import content_hash_of_path
 from llmops_dagster.settings import llmops_home
 
 LOCAL = "local"
 SHARED = "shared"
+PRIVATE_DIR = 0o700
+# While a run holds the store, what its process and the processes it starts (the training ranks
+# writing checkpoints and merged models, under the DeepSpeed launcher or torchrun) create is theirs
+# only: new files 0600, folders 0700.
+PRIVATE_UMASK = 0o077
 
 
 class ArtifactStorageError(ValueError):
@@ -40,9 +49,21 @@ class ArtifactStore(dg.ConfigurableResource):
         "node (required when training nodes or Serve replicas run on other machines).",
     )
 
+    _umask_before: int | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._umask_before = os.umask(PRIVATE_UMASK)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._umask_before is not None:
+            os.umask(self._umask_before)
+            self._umask_before = None
+
     def root_path(self) -> Path:
         if self.storage == LOCAL:
-            return Path(self.root).resolve() if self.root else llmops_home() / "artifacts"
+            root = Path(self.root).resolve() if self.root else llmops_home() / "artifacts"
+            _private_dir(root)
+            return root
         if self.storage != SHARED:
             raise ArtifactStorageError(
                 f"artifacts.storage must be {LOCAL!r} or {SHARED!r}, got {self.storage!r}")
@@ -53,10 +74,15 @@ class ArtifactStore(dg.ConfigurableResource):
         if not root.is_dir():
             raise ArtifactStorageError(f"artifacts.root {root} does not exist: with artifacts.storage="
                                        "'shared' it must be the mounted shared filesystem (never made here)")
+        _make_private(root)
         return root
 
     def version_dir(self, kind: str, version: str) -> Path:
-        return self.root_path() / kind / version
+        """Where `kind/version` lives; the kind's folder is made (0700) for a writer that fills the
+        version folder itself (the fine-tune)."""
+        parent = self.root_path() / kind
+        _private_dir(parent)
+        return parent / version
 
     def write_version(self, kind: str, version: str, write: Callable[[Path], None]) -> Path:
         """Run `write(tmp_dir)` and publish it as `kind/version`; reuse it when it exists."""
@@ -82,15 +108,16 @@ class ArtifactStore(dg.ConfigurableResource):
 
     def _staging(self, kind: str) -> Path:
         parent = self.root_path() / kind
-        parent.mkdir(parents=True, exist_ok=True)
+        _private_dir(parent)
         staging = parent / f".tmp-{uuid.uuid4().hex}"
-        staging.mkdir()
+        staging.mkdir(mode=PRIVATE_DIR)
         return staging
 
     def _publish(self, staging: Path, final: Path) -> Path:
         """Rename into place; a version that exists already (same content) is kept as it is."""
         if final.exists():
             return final
+        make_tree_private(staging)
         if self.storage == SHARED:
             _flush_tree(staging)
         try:
@@ -101,6 +128,28 @@ class ArtifactStore(dg.ConfigurableResource):
         if self.storage == SHARED:
             _flush(final.parent)
         return final
+
+
+def _make_private(path: Path) -> None:
+    """Take group and other access away from a folder or file of ours (one of another user, such
+    as a shared mount's root made by an administrator, is left as it is)."""
+    info = path.lstat()
+    mode = stat.S_IMODE(info.st_mode)
+    if info.st_uid == os.getuid() and not stat.S_ISLNK(info.st_mode) and mode & 0o077:
+        path.chmod(mode & 0o700)  # a 0644 file becomes 0600, a 0755 folder 0700
+
+
+def _private_dir(path: Path) -> None:
+    """Make `path` (0700) when missing; take group and other access away when it exists."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    _make_private(path)
+
+
+def make_tree_private(folder: Path) -> None:
+    """No access but the owner's under `folder` (folders 0700, files 0600; an owner's executable
+    bit stays), whatever the umask of whoever wrote them."""
+    for path in [folder, *folder.rglob("*")]:
+        _make_private(path)
 
 
 def _flush(path: Path) -> None:

@@ -1,6 +1,8 @@
-"""The `llmops` command refuses bad arguments with a message naming them, never a traceback.
+"""The `llmops` command refuses bad arguments with one line naming them (exit status 2), and an
+unexpected error with one line and the log file holding its traceback (1), never a traceback.
 
-Touches: argument parsing only, except the trace lookup, which reads a database of its own."""
+Touches: argument parsing; a database of its own for the trace lookup, the status, a password the
+server refuses, a privilege it lacks and key names; the job's run config schema (no run starts)."""
 
 import os
 import subprocess
@@ -135,3 +137,86 @@ def test_a_bad_port_setting_is_named_in_one_line(variable, value, monkeypatch, c
     assert cli.main(["serve", "status"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"llmops serve: {variable} must be a TCP port (1-65535), got {value!r}"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["quarantine", "-n", "99999999999999999999"], "argument -n: must be at most 10000"),
+    (["models", "rollback", "--reason", ""], "argument --reason: must say why"),
+    (["models", "rollback", "--reason", "  \t"], "argument --reason: must say why"),
+    (["models", "reject", "v1", "--reason", "ok\n\x1b[2Jforged line"], "argument --reason: holds a control"),
+    (["models", "approve", "v1", "--reason", " "], "argument --reason: must say why"),
+    (["feedback", "purge", "--id", "1", "--reason", ""], "argument --reason: must say why"),
+    (["feedback", "purge-answers", "--until", "2020-01-01", "--reason", " "], "--reason: must say why"),
+    (["feedback", "review", "--accept", "1", "--note", ""], "argument --note: must say why"),
+    (["feedback", "purge", "--id", "99999999999999999999", "--reason", "x"], "--id: must be at most"),
+    (["keys", "create", "bad\nname", "--role", "client"], "argument name: 'bad\\nname' is not a key name"),
+    (["keys", "create", "\x1b[31mred", "--role", "client"], "is not a key name"),
+    (["keys", "create", "ok", "--role", "client", "--by", "\x1b]0;x\x07"], "argument --by:"),
+    (["trace", str(uuid.uuid4()), "--html", "/nonexistent/dir/t.html"], "its folder does not exist"),
+    (["trace", str(uuid.uuid4()), "--html", "/tmp"], "argument --html: '/tmp' is a folder"),
+    (["trace", str(uuid.uuid4()), "--ui-url", "javascript:alert(1)"], "is not an http:// or https://"),
+    (["ui", "--port", "-5"], "argument --port: must be at least 1, got -5"),
+    (["serve", "stop", "--port", "0"], "argument --port: must be at least 1"),
+    (["models"], "the following arguments are required: models_command"),
+])
+def test_every_bad_argument_is_one_line_naming_it(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("llmops "), err
+
+
+def test_run_config_that_does_not_fit_the_job_is_one_line_naming_the_entry(capsys):
+    assert cli.main(["run", "--config", '{"ops": {"nope": {}}}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmops run: --config does not fit job main:") and "nope" in err, err
+    assert err.count("\n") == 1, err
+    assert cli.main(["run", "--config", "[" * 100_000]) == 2  # nested too deep for the decoder
+    assert "--config is not JSON" in capsys.readouterr().err
+
+
+def test_a_refused_database_password_is_one_line_naming_the_setting(fresh_database, monkeypatch, capsys):
+    url = sa.engine.make_url(os.environ["LLMOPS_DATABASE_URL"])
+    wrong = url.set(password="WrongPW4711", query={"host": url.query["host"]})
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", wrong.render_as_string(hide_password=False))
+    assert cli.main(["db", "url"]) == 2  # the owner's URL works: `db url` tries the application role's
+    assert "password authentication failed" in capsys.readouterr().err
+    monkeypatch.delenv("LLMOPS_DATABASE_OWNER_URL")  # a managed server with one role, as reported
+    for argv in (["db", "url"], ["env"], ["models", "list"], ["status"], ["quarantine"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith(f"llmops {argv[0]}: the database cannot be used ("), err
+        assert err.count("\n") == 1, err
+        assert "password authentication failed" in err and "LLMOPS_DATABASE_URL=postgresql" in err, err
+        assert "WrongPW4711" not in err and ":***@" in err, err
+
+
+def test_an_unexpected_error_is_one_line_with_the_log_holding_its_traceback(fresh_database, monkeypatch,
+                                                                             capsys):
+    """A database whose application role lost its privilege on a table (a real server state, not an
+    argument): exit status 1, one line, the traceback in a 0600 file under $LLMOPS_HOME/logs/."""
+    from llmops_dagster.settings import llmops_home
+
+    owner = sa.create_engine(os.environ["LLMOPS_DATABASE_OWNER_URL"])
+    with owner.begin() as connection:
+        connection.execute(sa.text("REVOKE SELECT ON quarantine_rows FROM PUBLIC"))
+        connection.execute(sa.text("REVOKE ALL ON quarantine_rows FROM llmops_app"))
+    owner.dispose()
+    assert cli.main(["quarantine"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmops quarantine: unexpected error ") and err.count("\n") == 1, err
+    log = Path(err.rsplit("traceback in ", 1)[1].strip())
+    assert log.parent == llmops_home() / "logs" and (log.stat().st_mode & 0o777) == 0o600
+    assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in err
+
+
+def test_create_key_refuses_names_outside_its_alphabet(fresh_database):
+    from llmops_dagster.serving import credentials
+
+    engine = fresh_database.engine()
+    for name in ("", "a b", "line\nbreak", "esc\x1b[0m", "é", "x" * 65, "quote'"):
+        with pytest.raises(credentials.CredentialError, match="letters, digits"):
+            credentials.create_key(engine, name, "client", created_by="test")
+    key, _ = credentials.create_key(engine, "ci-runner_2.prod", "client", created_by="test")
+    assert key.name == "ci-runner_2.prod"

@@ -161,8 +161,9 @@ def test_a_warm_start_continues_from_the_production_adapter(stage, resources):
     same_data = stage(warm_start=True, warm_start_steps=4)
     assert metadata(same_data)["version"] == production["version"]  # reproduced, not trained further
 
-    # Production as if trained on an older dataset: this run's data is new to it.
-    with engine.begin() as connection:
+    # Production as if trained on an older dataset: this run's data is new to it (lineage columns
+    # are the owner's to change: the app role registers versions only through the registry).
+    with sa.create_engine(os.environ["LLMOPS_DATABASE_OWNER_URL"]).begin() as connection:
         connection.execute(sa.text("UPDATE model_versions SET dataset_version = 'older' WHERE version = :v"),
                            {"v": production["version"]})
     warm = stage(warm_start=True, warm_start_steps=4)

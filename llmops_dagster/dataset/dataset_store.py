@@ -4,6 +4,7 @@ accepted rows as Parquet in the version's folder."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,9 +84,33 @@ def read_accepted(folder: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(folder) / ACCEPTED_FILE)
 
 
+def redact_accepted(folder: str | Path, feedback_ids: set[int]) -> pd.DataFrame:
+    """Cut the examples made from `feedback_ids` out of a version's accepted rows, in place (the
+    version keeps its name; the file is replaced atomically, 0600). Returns the rows cut
+    (feedback_id, _row_number), none when the version holds none of them."""
+    path = Path(folder) / ACCEPTED_FILE
+    if not path.is_file():
+        return pd.DataFrame({"feedback_id": [], "_row_number": []})
+    accepted = pd.read_parquet(path)
+    if "feedback_id" not in accepted:
+        return pd.DataFrame({"feedback_id": [], "_row_number": []})
+    cut = accepted["feedback_id"].isin(list(feedback_ids)).fillna(False).astype(bool)
+    if cut.any():
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        accepted[~cut].to_parquet(staging, index=False)
+        os.chmod(staging, 0o600)
+        os.replace(staging, path)
+    return accepted.loc[cut, ["feedback_id", "_row_number"]]
+
+
 def record_dataset_version(engine: sa.Engine, version: str, input_hash: str, source: str,
                            path: Path, report: ValidationReport) -> None:
+    """Record the version; a correction purged while it was being made (after its rows were read)
+    is cut from it first, as the purge would have (redaction.redact_purged)."""
+    from llmops_dagster.feedback import redaction  # it builds on this module
+
     with engine.begin() as connection:
+        redaction.redact_purged(connection, version, path)
         connection.execute(
             sa.text(
                 "INSERT INTO dataset_versions (version, input_hash, source, path, rows_input, "

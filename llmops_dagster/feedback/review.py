@@ -5,6 +5,14 @@ only accepted corrections become training examples. A correction from a key with
 accepted as it arrives (the reviewer is that key). Every decision and every purge leaves a row in
 feedback_audit_log with who, when and why; a purge's record keeps where the row came from (answer,
 rater, time) but none of what it said, since purging is how personal data leaves the platform.
+
+A decision is made only through the database functions review_decide_as_key (the Serve replicas,
+for a live reviewer key) and review_decide_as_person (the platform's CLI, for a named person), which
+write the audit row with it; neither role may update a review by itself (migration 0009).
+
+A purge also reaches the files made from the purged rows (redaction.py): their examples are cut
+from every dataset and prompt-set version that holds them, and each model version trained on them
+is flagged in the registry.
 """
 
 from __future__ import annotations
@@ -16,7 +24,11 @@ from datetime import datetime
 import pandas as pd
 import sqlalchemy as sa
 
+from llmops_dagster.feedback import redaction
+
 DECISIONS = {"accept": "accepted", "reject": "rejected"}
+KEY_ACTOR = "key:"  # how an API key's identity starts (credentials.ApiKey.identity)
+INSUFFICIENT_PRIVILEGE = "42501"
 
 
 class ReviewError(LookupError):
@@ -79,24 +91,30 @@ def decide(engine: sa.Engine, feedback_id: int, decision: str, actor: str, note:
     if decision not in DECISIONS:
         raise ReviewError(f"decision must be one of {', '.join(DECISIONS)}, got {decision!r}")
     state = DECISIONS[decision]
+    # The function checks who decides: a key's name must be a live reviewer key's; a person's is
+    # any name but a key's, and only the platform's role may decide as a person.
+    by_key = actor.startswith(KEY_ACTOR)
+    function = "review_decide_as_key" if by_key else "review_decide_as_person"
     with engine.begin() as connection:
-        row = connection.execute(
-            sa.text("UPDATE feedback SET review_state = :state, reviewed_by = :actor, "
-                    "reviewed_at = clock_timestamp(), review_note = :note "
-                    "WHERE id = :id AND review_state = 'pending' RETURNING reviewed_at"),
-            {"state": state, "actor": actor, "note": note, "id": feedback_id}).first()
-        if row is None:
+        try:
+            decided_at = connection.execute(
+                sa.text(f"SELECT {function}(:id, :state, :who, :note)"),
+                {"id": feedback_id, "state": state, "note": note,
+                 "who": actor.removeprefix(KEY_ACTOR) if by_key else actor}).scalar()
+        except sa.exc.DBAPIError as error:
+            message = str(error.orig).splitlines()[0]
+            if (getattr(error.orig, "pgcode", None) == INSUFFICIENT_PRIVILEGE
+                    and not message.startswith("permission denied")):
+                raise ReviewError(message) from None
+            raise
+        if decided_at is None:
             current = connection.execute(sa.text("SELECT review_state FROM feedback WHERE id = :id"),
                                          {"id": feedback_id}).first()
             if current is None:
                 raise ReviewError(f"feedback {feedback_id} does not exist (or was purged)")
             raise ReviewError(f"feedback {feedback_id} is not pending review (state: "
                               f"{current.review_state or 'no correction to review'})")
-        connection.execute(
-            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason) "
-                    "VALUES (:id, :action, :actor, :reason)"),
-            {"id": feedback_id, "action": state, "actor": actor, "reason": note or f"{decision}ed"})
-    return ReviewDecision(feedback_id, state, actor, row.reviewed_at, note)
+    return ReviewDecision(feedback_id, state, actor, decided_at, note)
 
 
 def audit_trail(engine: sa.Engine, feedback_id: int) -> list[dict]:
@@ -139,30 +157,60 @@ class PurgeFilter:
         return " AND ".join(clauses), params
 
 
-def purge(engine: sa.Engine, which: PurgeFilter, actor: str, reason: str) -> list[int]:
+class PurgeResult(list[int]):
+    """The purged feedback ids, sorted (a list, as callers use it), with what the purge redacted
+    from derived files and which model versions it flagged as trained on purged rows."""
+
+    def __init__(self, ids=(), outcome: redaction.Outcome | None = None):
+        super().__init__(ids)
+        self.outcome = outcome or redaction.Outcome()
+
+    @property
+    def redactions(self) -> list[redaction.Redaction]:
+        return self.outcome.redactions
+
+    @property
+    def flagged(self) -> dict[str, list[int]]:
+        """model version -> the purged feedback ids it was trained on."""
+        return self.outcome.flagged
+
+    def report_lines(self) -> list[str]:
+        """What the purge did beyond the rows, one line each, for a person to read."""
+        return self.outcome.report_lines()
+
+
+def purge(engine: sa.Engine, which: PurgeFilter, actor: str, reason: str) -> PurgeResult:
     """Delete the matching feedback rows (and their curated copies); each leaves an audit record
-    with its answer id, rater, key and time, not its text. Returns the purged ids."""
+    with its answer id, rater, key and time, not its text. First their examples are cut from
+    every artifact file that holds them and the model versions trained on them are flagged
+    (redaction.redact, in this transaction: a redaction that fails leaves the rows in place, to be
+    purged again)."""
     where, params = which.where()
     with engine.begin() as connection:
+        ids = connection.execute(sa.text(f"SELECT f.id FROM feedback f WHERE {where} ORDER BY f.id "
+                                         "FOR UPDATE"), params).scalars().all()
+        if not ids:
+            return PurgeResult()
+        outcome = redaction.redact(connection, ids, actor=actor, reason=reason)
         rows = connection.execute(
-            sa.text(f"DELETE FROM feedback f WHERE {where} RETURNING f.id, f.response_id::text AS "
-                    "response_id, f.rater, f.api_key_id, f.rating, f.review_state, f.created_at"),
-            params).mappings().all()
-        if rows:
-            connection.execute(
-                sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason, details) "
-                        "VALUES (:id, 'purged', :actor, :reason, CAST(:details AS jsonb))"),
-                [{"id": r["id"], "actor": actor, "reason": reason, "details": json.dumps(
-                    {"response_id": r["response_id"], "rater": r["rater"], "api_key_id": r["api_key_id"],
-                     "rating": r["rating"], "review_state": r["review_state"],
-                     "created_at": r["created_at"].isoformat()})} for r in rows])
-    return sorted(r["id"] for r in rows)
+            sa.text("DELETE FROM feedback f WHERE f.id = ANY(:ids) RETURNING f.id, f.response_id::text "
+                    "AS response_id, f.rater, f.api_key_id, f.rating, f.review_state, f.created_at"),
+            {"ids": list(ids)}).mappings().all()
+        connection.execute(
+            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason, details) "
+                    "VALUES (:id, 'purged', :actor, :reason, CAST(:details AS jsonb))"),
+            [{"id": r["id"], "actor": actor, "reason": reason, "details": json.dumps(
+                {"response_id": r["response_id"], "rater": r["rater"], "api_key_id": r["api_key_id"],
+                 "rating": r["rating"], "review_state": r["review_state"],
+                 "created_at": r["created_at"].isoformat(), **outcome.details(r["id"])})}
+             for r in rows])
+    return PurgeResult(sorted(r["id"] for r in rows), outcome)
 
 
-def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) -> list[int]:
+def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) -> PurgeResult:
     """Purge feedback older than `retention_days` (0: keep forever), as actor 'retention'."""
     if retention_days <= 0:
-        return []
+        return PurgeResult()
     with engine.connect() as connection:
         cutoff = connection.execute(
             sa.text("SELECT coalesce(CAST(:now AS timestamptz), now()) - make_interval(days => :days)"),
@@ -171,10 +219,10 @@ def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) 
                  reason=f"older than the {retention_days}-day retention (feedback_table.retention_days)")
 
 
-def purge_answers(engine: sa.Engine, until: datetime, actor: str, reason: str) -> tuple[int, list[int]]:
+def purge_answers(engine: sa.Engine, until: datetime, actor: str, reason: str) -> tuple[int, PurgeResult]:
     """Delete the answers logged before `until` (prompts and responses in request_log) and every
-    rating of them (purged as `purge` does, with audit records). Returns (answers deleted, rating
-    ids purged). A trace of a deleted answer then says it is not found."""
+    rating of them (purged as `purge` does, with audit records, redactions and flags). Returns
+    (answers deleted, ratings purged). A trace of a deleted answer then says it is not found."""
     ratings = purge(engine, PurgeFilter(answered_until=until), actor=actor, reason=reason)
     with engine.begin() as connection:
         answers = connection.execute(sa.text("DELETE FROM request_log WHERE created_at < :until"),
@@ -182,10 +230,10 @@ def purge_answers(engine: sa.Engine, until: datetime, actor: str, reason: str) -
     return answers, ratings
 
 
-def expire_answers(engine: sa.Engine, retention_days: int) -> tuple[int, list[int]]:
+def expire_answers(engine: sa.Engine, retention_days: int) -> tuple[int, PurgeResult]:
     """purge_answers of everything older than `retention_days` (0: keep forever), as 'retention'."""
     if retention_days <= 0:
-        return 0, []
+        return 0, PurgeResult()
     with engine.connect() as connection:
         cutoff = connection.execute(sa.text("SELECT now() - make_interval(days => :days)"),
                                     {"days": retention_days}).scalar_one()

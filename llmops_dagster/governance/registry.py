@@ -6,12 +6,16 @@ before the current one. The database guarantees at most one production version (
 index) and an audit log that can only grow (triggers). Every transition runs in one transaction that
 first takes a transaction-level advisory lock, so transitions from many processes apply one at a time,
 each on the state the previous one committed, and the audit log's order is the order they happened.
+
+A version is registered and changes stage only through the database functions registry_register and
+registry_move (migration 0009), which write the audit row in the same transaction: the platform's
+role may not insert a version or an audit row, nor update a stage, by itself.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -22,7 +26,7 @@ REGISTRY_LOCK_KEY = 7_220_119_000_002
 _COLUMNS = (
     "version, stage, dataset_version, prompt_set_version, base_model_version, checkpoint_path, "
     "adapter_path, merged_model_path, train_config, eval_report_id, approver, reason, created_at, "
-    "updated_at"
+    "updated_at, purged_feedback"
 )
 
 
@@ -46,6 +50,9 @@ class ModelVersion:
     reason: str | None
     created_at: datetime
     updated_at: datetime
+    # Purged feedback rows this version was trained on (their examples are redacted from its data
+    # since; the weights still learned from them).
+    purged_feedback: list[int] = field(default_factory=list)
 
 
 def _lock(connection: sa.Connection) -> None:
@@ -74,19 +81,6 @@ def _production(connection: sa.Connection) -> ModelVersion | None:
     return ModelVersion(**row) if row else None
 
 
-def _audit(
-    connection: sa.Connection, version: str, from_stage: str | None, to_stage: str, actor: str, reason: str
-) -> None:
-    connection.execute(
-        sa.text(
-            "INSERT INTO model_audit_log (version, from_stage, to_stage, actor, reason) "
-            "VALUES (:version, :from_stage, :to_stage, :actor, :reason)"
-        ),
-        {"version": version, "from_stage": from_stage, "to_stage": to_stage, "actor": actor,
-         "reason": reason},
-    )
-
-
 def _move(
     connection: sa.Connection,
     version: ModelVersion,
@@ -96,25 +90,27 @@ def _move(
     reason: str,
     decided: bool,
 ) -> None:
-    """Change one version's stage and log it. `decided`: this is the decision itself (not its side
-    effect), so the row records who made it and why."""
+    """Change one version's stage and log it (registry_move: both or neither). `decided`: this is
+    the decision itself (not its side effect), so the row records who made it and why."""
     moved = connection.execute(
-        sa.text(
-            "UPDATE model_versions SET stage = :to_stage, updated_at = now(), "
-            "approver = CASE WHEN :decided THEN :actor ELSE approver END, "
-            "reason = CASE WHEN :decided THEN :reason ELSE reason END "
-            "WHERE version = :version AND stage = :from_stage"
-        ),
-        {"to_stage": to_stage, "decided": decided, "actor": actor, "reason": reason,
-         "version": version.version, "from_stage": version.stage},
-    ).rowcount
-    if moved != 1:
+        sa.text("SELECT registry_move(:version, :from_stage, :to_stage, :actor, :reason, :decided)"),
+        {"version": version.version, "from_stage": version.stage, "to_stage": to_stage,
+         "actor": actor, "reason": reason, "decided": decided},
+    ).scalar_one()
+    if not moved:
         # Only a writer that bypasses the registry's lock can get here.
         raise RegistryError(
             f"model version {version.version!r} is no longer {version.stage!r}; it was changed "
             "outside the registry"
         )
-    _audit(connection, version.version, version.stage, to_stage, actor, reason)
+
+
+def flag_purged_feedback(connection: sa.Connection, feedback_ids: dict[str, list[int]]) -> None:
+    """Record on each version (version -> ids) the purged feedback rows it was trained on; a flag
+    only ever grows (registry_flag_purged_feedback)."""
+    for version, ids in feedback_ids.items():
+        connection.execute(sa.text("SELECT registry_flag_purged_feedback(:version, CAST(:ids AS bigint[]))"),
+                           {"version": version, "ids": sorted(ids)})
 
 
 def register_candidate(
@@ -147,11 +143,9 @@ def register_candidate(
             return existing
         connection.execute(
             sa.text(
-                "INSERT INTO model_versions (version, stage, dataset_version, prompt_set_version, "
-                "base_model_version, checkpoint_path, adapter_path, merged_model_path, train_config, "
-                "eval_report_id) VALUES (:version, 'candidate', :dataset_version, :prompt_set_version, "
+                "SELECT registry_register(:version, :dataset_version, :prompt_set_version, "
                 ":base_model_version, :checkpoint_path, :adapter_path, :merged_model_path, "
-                "CAST(:train_config AS jsonb), :eval_report_id)"
+                "CAST(:train_config AS jsonb), :eval_report_id, :actor)"
             ),
             {
                 "version": version,
@@ -163,9 +157,9 @@ def register_candidate(
                 "merged_model_path": merged_model_path,
                 "train_config": json.dumps(train_config),
                 "eval_report_id": eval_report_id,
+                "actor": actor,
             },
         )
-        _audit(connection, version, None, "candidate", actor, "registered")
         return _get(connection, version)
 
 

@@ -65,8 +65,11 @@ def create_key(engine: sa.Engine, name: str, role: str, created_by: str) -> tupl
     """A new key: (its record, the key itself, to be shown once and never again)."""
     if role not in ROLES:
         raise CredentialError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    if not name.strip() or len(name) > 64:
-        raise CredentialError("a key's name must be 1 to 64 characters")
+    import re
+
+    # A name is printed by `keys list` and written to logs: no control characters, spaces or quotes.
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+        raise CredentialError("a key's name must be 1 to 64 letters, digits, '.', '_' or '-'")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     try:
         with engine.begin() as connection:

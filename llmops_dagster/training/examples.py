@@ -9,13 +9,19 @@ IGNORE_INDEX = -100  # label of prompt and padding tokens: no loss on them
 def encode_examples(path: str, tokenizer, seq_len: int):
     """Token ids, attention mask and labels (prompt and padding masked) for a prompt-set file,
     read with `datasets.load_dataset("json")` and the prompt set's schema: inferred per 10 MB block,
-    feedback_id (null on every trusted row) would fail to cast between blocks."""
+    feedback_id (null on every trusted row) would fail to cast between blocks. The Arrow copy
+    `datasets` prepares goes to a temporary folder removed at once (records kept in memory): in its
+    shared cache (~/.cache/huggingface) a purged correction's text would outlive the purge."""
+    import tempfile
+
     from datasets import load_dataset
 
     from llmops_dagster.prompts.templates import record_features
 
-    records = load_dataset("json", data_files=path, split="train", features=record_features())
-    return encode_records(records, tokenizer, seq_len)
+    with tempfile.TemporaryDirectory(prefix="llmops-records-") as cache:
+        records = load_dataset("json", data_files=path, split="train", features=record_features(),
+                               cache_dir=cache, keep_in_memory=True)
+        return encode_records(records, tokenizer, seq_len)
 
 
 def encode_records(records, tokenizer, seq_len: int):
