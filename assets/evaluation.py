@@ -95,6 +95,8 @@ def eval_report(
             "generation_batch_size": config.batch_size,
             "candidate_token_f1": metrics["candidate"]["token_f1"],
             "candidate_exact_match": metrics["candidate"]["exact_match"],
+            # The average can hide a slice the model gets wrong: its weakest slice beside it.
+            "candidate_lowest_slice": scoring.lowest_slice_text(slices.get("candidate")),
             "candidate_loss": metrics["candidate"]["loss"],
             "token_f1_vs_champion": difference_text(report.comparison, "no champion"),
             "metrics": dg.MetadataValue.md(scoring.metrics_markdown(metrics)),
@@ -108,6 +110,7 @@ def eval_report(
                 scoring.metrics_markdown(feedback_metrics) if feedback_metrics
                 else "No feedback-derived examples in the eval split."),
             "token_f1_per_slice": dg.MetadataValue.md(scoring.slices_markdown(slices)),
+            "exact_match_per_slice": dg.MetadataValue.md(scoring.slices_markdown(slices, "exact_match")),
             "plot": dg.MetadataValue.md(scoring.slices_plot_markdown(slices)),
         },
     )

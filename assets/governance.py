@@ -34,6 +34,7 @@ class ApprovalConfig(dg.Config):
     min_exact_match: float = declared(policy.Policy, "min_exact_match")
     max_loss: float = declared(policy.Policy, "max_loss")
     margin: float = declared(policy.Policy, "margin")
+    min_slice_exact_match: float = declared(policy.Policy, "min_slice_exact_match")
     require_trusted_no_regression: bool = declared(policy.Policy, "require_trusted_no_regression")
     approve_version: str = Field(default="", description="Human mode, from the launchpad: the "
                                  "candidate version a person approves (as `llmops models approve`).")
@@ -42,6 +43,7 @@ class ApprovalConfig(dg.Config):
     def to_policy(self) -> policy.Policy:
         return policy.Policy(min_token_f1=self.min_token_f1, min_exact_match=self.min_exact_match,
                              max_loss=self.max_loss, margin=self.margin,
+                             min_slice_exact_match=self.min_slice_exact_match,
                              require_trusted_no_regression=self.require_trusted_no_regression)
 
 
@@ -73,7 +75,8 @@ def approved_model(
     comparison, feedback_slice = scoring.read_comparison(report["comparison"])
     decision = policy.judge(config.to_policy(), report["metrics"]["candidate"], comparison,
                             failed_checks(context, BLOCKING_CHECKS),
-                            feedback_comparison=feedback_slice["comparison"])
+                            feedback_comparison=feedback_slice["comparison"],
+                            candidate_slices=(report["slices"] or {}).get("candidate"))
     if not decision.passed:
         if version.stage == "candidate":
             registry.reject(engine, version.version, actor="policy", reason=decision.message())

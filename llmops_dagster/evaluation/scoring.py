@@ -262,9 +262,25 @@ def metrics_markdown(metrics: dict) -> str:
     return frame.to_markdown()
 
 
-def slices_markdown(slices: dict) -> str:
-    """Token F1 per slice (rows) and model (columns)."""
-    frame = pd.DataFrame({role: {name: v[MAIN_METRIC] for name, v in by_slice.items()}
+def lowest_slice(slices: dict, metric: str = "exact_match") -> tuple[str, float] | None:
+    """(name, value) of the slice with the lowest `metric`; None without slices. `slices`: one
+    model's {slice: {metric: value}}, as an eval report stores it."""
+    scored = [(values[metric], name) for name, values in (slices or {}).items() if metric in values]
+    if not scored:
+        return None
+    value, name = min(scored)
+    return name, value
+
+
+def lowest_slice_text(slices: dict | None) -> str:
+    """'name: exact match' of the weakest slice, for an eval report's metadata."""
+    weakest = lowest_slice(slices or {})
+    return "no slices" if weakest is None else f"{weakest[0]}: exact match {weakest[1]:.4f}"
+
+
+def slices_markdown(slices: dict, metric: str = MAIN_METRIC) -> str:
+    """`metric` per slice (rows) and model (columns)."""
+    frame = pd.DataFrame({role: {name: v[metric] for name, v in by_slice.items()}
                           for role, by_slice in slices.items()})
     return frame.to_markdown()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmops_dagster.evaluation.scoring import lowest_slice
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -21,6 +23,10 @@ class Policy:
     margin: float = field(default=0.02, metadata={
         "help": "The bootstrap 95% lower bound of candidate minus champion token F1 must exceed "
         "-margin (a retrain that differs only in seed stays above -0.006: benchmarks/bench_quality.py)."})
+    min_slice_exact_match: float = field(default=0.0, metadata={
+        "help": "Lowest accepted exact-match rate on every slice of the trusted eval split (0: off). "
+        "The average can hide a slice the model gets wrong; the default data's slices all reach "
+        "0.8 on fresh questions (benchmarks/bench_quality.py); your own data's slices may not."})
     require_trusted_no_regression: bool = field(default=True, metadata={
         "help": "Gate on the trusted eval split alone and report the feedback-derived slice for "
         "information; when false, the candidate must not regress by more than margin on the "
@@ -39,11 +45,12 @@ class Decision:
 
 def judge(policy: Policy, candidate: dict, comparison: dict | None,
           upstream_checks_failed: list[str] | None = None,
-          feedback_comparison: dict | None = None) -> Decision:
+          feedback_comparison: dict | None = None, candidate_slices: dict | None = None) -> Decision:
     """Apply the policy to the candidate's metrics and, when there is a champion, the paired
     bootstrap of candidate minus champion on the trusted split; `feedback_comparison` is the same
-    bootstrap on the feedback-derived slice (None without a champion or feedback examples). A first
-    model (no champion) is judged on thresholds."""
+    bootstrap on the feedback-derived slice (None without a champion or feedback examples);
+    `candidate_slices` the candidate's metrics per slice of the trusted split. A first model (no
+    champion) is judged on thresholds."""
     decision = Decision(passed=True)
 
     def rule(name: str, value: float, threshold: float, at_least: bool) -> None:
@@ -59,6 +66,10 @@ def judge(policy: Policy, candidate: dict, comparison: dict | None,
     rule("token_f1", candidate["token_f1"], policy.min_token_f1, at_least=True)
     rule("exact_match", candidate["exact_match"], policy.min_exact_match, at_least=True)
     rule("loss", candidate["loss"], policy.max_loss, at_least=False)
+    weakest = lowest_slice(candidate_slices or {})
+    if policy.min_slice_exact_match > 0 and weakest is not None:
+        rule(f"exact_match on the lowest slice ({weakest[0]})", weakest[1], policy.min_slice_exact_match,
+             at_least=True)
     if comparison:
         rule(f"{comparison.get('metric', 'token_f1')} vs champion (bootstrap 95% lower bound)",
              comparison["ci_low"], -policy.margin, at_least=True)
