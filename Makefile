@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(LLMOPS_HOME)/dagster_home
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: run test browser bench ui lint db-stop serve-stop clean
+.PHONY: run test browser bench ui ui-operate lint db-stop serve-stop clean
 
 # One pip command resolves the whole pinned stack (torch==2.13.0 is the CPU build on disk).
 $(STAMP): pyproject.toml
@@ -42,9 +42,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loop.py
 	$(BIN)/python benchmarks/results.py
 
-# dagster dev in a process group of its own: stops on Ctrl-C and SIGTERM, also started with `&` or nohup.
+# The Dagster webserver and daemon in a process group of their own: stop on Ctrl-C and SIGTERM, also
+# started with `&` or nohup. `make ui` is read-only (browse); `make ui-operate` launches runs, on
+# 127.0.0.1 under a secret path whose URL is in $(LLMOPS_HOME)/ui/operate_url (0600).
 ui: $(STAMP)
 	$(BIN)/llmops ui
+
+ui-operate: $(STAMP)
+	$(BIN)/llmops ui --operate
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
