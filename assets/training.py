@@ -31,7 +31,8 @@ from resources.trainer import TrainerResource
 class FinetuneConfig(dg.Config):
     num_processes: int = Field(default=2, description="Ranks (CPU processes or GPUs).")
     deepspeed_config: str = Field(
-        default="cpu_zero2", description="A file in deepspeed_configs/ (without .json) or a path."
+        default="cpu_zero2", description="A file in deepspeed_configs/ (without .json), or the name "
+        "of a file in LLMOPS_TRAINER_DEEPSPEED_CONFIG_DIR (the operator's folder)."
     )
     zero_stage: int | None = Field(default=None, description="Override: ZeRO stage 0-3.")
     micro_batch_size: int | None = Field(default=None, description="Override: examples a rank a micro step.")
@@ -124,7 +125,8 @@ def finetuned_checkpoint(
                          "or LoRA shape, or there is none): a fresh LoRA init")
     steps = config.warm_start_steps if warm_from else config.max_steps
     try:  # every setting that can be known wrong is checked before a process starts
-        # The ranks one machine runs: num_processes is the world size, split over trainer.nodes.
+        # The ranks one machine runs: num_processes is the world size, split over the trainer's nodes
+        # (LLMOPS_TRAINER_NODES, a deployment setting).
         launch.check_settings(base["path"], launch.ranks_per_node(config.num_processes, trainer.nodes),
                               config.target_modules)
         deepspeed_config = launch.resolve_deepspeed_config(

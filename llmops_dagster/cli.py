@@ -213,6 +213,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.job not in jobs:
             print(f"llmops run: --job {_shown(args.job)} is not a job; one of {jobs}", file=sys.stderr)
             return 2
+        from llmops_dagster.training import launch
+
+        try:  # what the platform executes is the operator's deployment setting, never run config
+            launch.refuse_deployment_settings(run_config)
+        except launch.TrainingConfigError as error:
+            print(f"llmops run: --config: {error}", file=sys.stderr)
+            return 2
         try:
             dg.validate_run_config(defs.resolve_job_def(args.job), run_config)
         except dg.DagsterInvalidConfigError as error:

@@ -48,3 +48,66 @@ def declared(declaration: type, name: str):
     if field.default_factory is not dataclasses.MISSING:
         return Field(default_factory=field.default_factory, description=field.metadata["help"])
     return Field(default=field.default, description=field.metadata["help"])
+
+
+# Settings the operator owns: what the platform executes or where it connects (the trainer's
+# launcher, its nodes and how they are started). They come from the platform's environment or from
+# the deployment file, never from run config, which anyone who can launch a run writes.
+DEPLOYMENT_FILE_ENV = "LLMOPS_DEPLOYMENT_FILE"
+DEPLOYMENT_FILE_NAME = "deployment.toml"
+
+
+def deployment_file() -> Path | None:
+    """The operator's deployment file: the path in LLMOPS_DEPLOYMENT_FILE (which must exist), else
+    $LLMOPS_HOME/deployment.toml when there is one, else None."""
+    named = os.environ.get(DEPLOYMENT_FILE_ENV, "").strip()
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise SettingError(f"{DEPLOYMENT_FILE_ENV} names {path}, which is not a file")
+        return path.resolve()
+    path = llmops_home() / DEPLOYMENT_FILE_NAME
+    return path if path.is_file() else None
+
+
+def check_operator_owned(path: Path, setting: str) -> Path:
+    """`path` when only the platform's user can change it: the file and its folder are owned by
+    this process's user (or root) and neither is writable by group or others (a folder with the
+    sticky bit, like /tmp, lets no one else replace the file). Else a SettingError naming `path`
+    and `setting`."""
+    import stat
+
+    path = Path(path).resolve()
+    owners = {os.geteuid(), 0}
+    for target, kind in ((path, "file"), (path.parent, "folder")):
+        info = target.stat()
+        sticky_folder = kind == "folder" and info.st_mode & stat.S_ISVTX
+        problems = [f"owned by uid {info.st_uid}"] if info.st_uid not in owners else []
+        if info.st_mode & stat.S_IWGRP and not sticky_folder:
+            problems.append("group-writable")
+        if info.st_mode & stat.S_IWOTH and not sticky_folder:
+            problems.append("world-writable")
+        if problems:
+            raise SettingError(
+                f"{setting}: {target} ({kind} of {path.name}) is {' and '.join(problems)}; it must "
+                f"be owned by the platform's user (uid {os.geteuid()}) and writable by no one else "
+                f"(chmod go-w {target})")
+    return path
+
+
+def deployment_table(section: str) -> tuple[dict, Path | None]:
+    """The `[section]` table of the deployment file (empty without a file) and the file's path;
+    the file must be the operator's (check_operator_owned)."""
+    import tomllib
+
+    path = deployment_file()
+    if path is None:
+        return {}, None
+    check_operator_owned(path, "deployment file")
+    try:
+        table = tomllib.loads(path.read_text()).get(section, {})
+    except tomllib.TOMLDecodeError as error:
+        raise SettingError(f"deployment file {path}: {error}") from error
+    if not isinstance(table, dict):
+        raise SettingError(f"deployment file {path}: [{section}] must be a table")
+    return table, path

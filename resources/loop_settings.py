@@ -28,13 +28,20 @@ class LoopSettings(dg.ConfigurableResource):
                                      "from the production model's adapter (finetuned_checkpoint.warm_start).")
     retrain_steps: int = Field(default=200, description="Optimizer steps of a sensor-triggered "
                                "warm-started retrain (finetuned_checkpoint.warm_start_steps).")
+    max_requests_per_decision: int = Field(
+        default=3, ge=1, description="Times a sensor requests one decision (a feedback or drift "
+        "window) whose runs were all lost to failures outside them (a dead run worker), counting "
+        "the first request; each run is also retried by the daemon (retrain job's dagster/max_retries).")
 
     def retrain_run_config(self) -> dict:
-        """The run config of a sensor's retrain: a warm start for retrain_steps, or {} (defaults)."""
+        """The run config of a sensor's retrain: a warm start for retrain_steps, checkpointed every
+        quarter of them (a retry after a dead run worker loses at most a quarter), or {} (the
+        asset's defaults: 800 steps, a checkpoint every 200)."""
         if not self.retrain_warm_start:
             return {}
         return {"ops": {"finetuned_checkpoint": {"config": {
-            "warm_start": True, "warm_start_steps": self.retrain_steps}}}}
+            "warm_start": True, "warm_start_steps": self.retrain_steps,
+            "checkpoint_every": max(1, self.retrain_steps // 4)}}}}
 
     def drift_test(self) -> dict:
         """The drift test's settings, as signals.check_production_drift takes them."""

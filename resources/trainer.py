@@ -3,6 +3,7 @@ several torchrun nodes."""
 
 import collections
 import contextlib
+import ctypes
 import os
 import queue
 import signal
@@ -19,10 +20,12 @@ import dagster as dg
 import psutil
 from pydantic import Field
 
+from llmops_dagster.settings import SettingError
 from llmops_dagster.training import launch
 from llmops_dagster.training.launch import LISTEN_FD_ENV, LOOPBACK
 
 REMOTE_STOP_GRACE_S = 10  # SIGTERM to a remote node's starter (srun forwards it), then SIGKILL
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
 
 
 @dataclass
@@ -40,30 +43,28 @@ class NodeLaunch:
 class TrainerResource(dg.ConfigurableResource):
     """Starts the standalone training script under torchrun or the deepspeed launcher, each node's
     launcher in a session of its own (so every tree can be stopped), and streams its Pipes messages
-    (global rank 0's, on node 0, which runs here)."""
+    (global rank 0's, on node 0, which runs here). What it executes and where (the launcher, its
+    nodes, hostfile, rendezvous endpoint and node start command) are deployment settings
+    (LLMOPS_TRAINER_* or the deployment file's [trainer] table), never run config."""
 
-    launcher: str = Field(default="torchrun", description="'torchrun' (one node, or `nodes`) or 'deepspeed'.")
-    hostfile: str = Field(default="", description="DeepSpeed hostfile for several nodes.")
-    nodes: int = Field(
-        default=1, ge=1,
-        description="torchrun nodes (--nnodes), one launcher each: the fine-tune's num_processes ranks "
-        "split evenly over them. Node 0 runs here and holds global rank 0 (Pipes) and the rendezvous.",
-    )
-    rendezvous_endpoint: str = Field(
-        default="",
-        description="host:port of node 0's rendezvous store, where the other nodes' launchers meet it: "
-        "node 0's private address and a port open between the nodes on a cluster. Empty: 127.0.0.1 on "
-        "a free port (every node on this machine).",
-    )
-    node_start_command: list[str] = Field(
-        default=[],
-        description="Command prefix that starts node {node_rank}'s launcher on its own machine, e.g. "
-        "['srun', '--nodes=1', '--ntasks=1', '--relative={node_rank}'] or ['ssh', '-tt', "
-        "'gpu-{node_rank}']. Empty: every node's launcher is started on this machine.",
-    )
     threads_per_rank: int = Field(
         default=1, description="OMP_NUM_THREADS of each CPU rank (ranks x threads <= cores)."
     )
+
+    def deployment(self) -> launch.TrainingDeployment:
+        """The operator's settings of the launch, read now (environment, deployment file)."""
+        try:
+            return launch.training_deployment()
+        except SettingError as error:
+            raise dg.Failure(description=str(error)) from error
+
+    @property
+    def nodes(self) -> int:
+        return self.deployment().nodes
+
+    @property
+    def launcher(self) -> str:
+        return self.deployment().launcher
 
     def run(self, context: dg.AssetExecutionContext, run_file: Path, num_processes: int,
             extra_env: dict[str, str] | None = None) -> tuple[list, list]:
@@ -83,7 +84,7 @@ class TrainerResource(dg.ConfigurableResource):
             if failed is not None:
                 node, code, lines = failed
                 cause = next((line.strip() for line in lines if _is_cause(line)), "see last_output")
-                where = f" on node {node}" if self.nodes > 1 else ""
+                where = f" on node {node}" if len(nodes) > 1 else ""
                 raise dg.Failure(
                     description=f"training exited with code {code}{where} "
                     f"({'killed by signal ' + str(-code) if code < 0 else cause}); "
@@ -98,28 +99,29 @@ class TrainerResource(dg.ConfigurableResource):
         socket listening on 127.0.0.1 (free port) is handed to node 0's launcher, whose store takes
         it over, so the port the others are given cannot be taken in between; this process holds
         its copy open (accepting nothing) until the block ends."""
+        deployment = self.deployment()
         try:
-            if self.launcher != "torchrun" and self.nodes > 1:
+            if deployment.launcher != "torchrun" and deployment.nodes > 1:
                 raise launch.TrainingConfigError(
-                    "trainer.nodes applies to launcher 'torchrun'; the deepspeed launcher takes its "
-                    "nodes from trainer.hostfile")
-            launch.ranks_per_node(num_processes, self.nodes)
-            if self.nodes == 1:
-                yield [NodeLaunch(0, launch.launch_command(run_file, num_processes, self.launcher,
-                                                           self.hostfile))]
+                    f"{launch.DEPLOYMENT_ENV['nodes']} applies to launcher 'torchrun'; the deepspeed "
+                    f"launcher takes its nodes from {launch.DEPLOYMENT_ENV['hostfile']}")
+            launch.ranks_per_node(num_processes, deployment.nodes)
+            if deployment.nodes == 1:
+                yield [NodeLaunch(0, launch.launch_command(run_file, num_processes, deployment.launcher,
+                                                           deployment.hostfile))]
                 return
             with contextlib.ExitStack() as stack:
-                endpoint, node0 = self.rendezvous_endpoint, {}
+                endpoint, node0 = deployment.rendezvous_endpoint, {}
                 if not endpoint:
                     listener = stack.enter_context(socket.create_server((LOOPBACK, 0)))
                     endpoint = f"{LOOPBACK}:{listener.getsockname()[1]}"
                     node0 = {"env": {LISTEN_FD_ENV: str(listener.fileno())},
                              "pass_fds": (listener.fileno(),)}
-                nodes = [NodeLaunch(0, launch.node_command(run_file, num_processes, self.nodes, 0, endpoint),
-                                    **node0)]
-                for rank in range(1, self.nodes):
-                    prefix = [part.format(node_rank=rank) for part in self.node_start_command]
-                    command = launch.node_command(run_file, num_processes, self.nodes, rank, endpoint)
+                nodes = [NodeLaunch(0, launch.node_command(run_file, num_processes, deployment.nodes, 0,
+                                                           endpoint), **node0)]
+                for rank in range(1, deployment.nodes):
+                    prefix = [part.format(node_rank=rank) for part in deployment.node_start_command]
+                    command = launch.node_command(run_file, num_processes, deployment.nodes, rank, endpoint)
                     nodes.append(NodeLaunch(rank, prefix + command, remote=bool(prefix)))
                 yield nodes
         except launch.TrainingConfigError as error:
@@ -135,13 +137,15 @@ class TrainerResource(dg.ConfigurableResource):
         launchers above it, never another node's."""
         lines: queue.Queue = queue.Queue()
         processes: list[subprocess.Popen] = []
+        stop_with_this_process = _stop_with_parent(os.getpid())
         readers = []
         last = collections.deque(maxlen=200)
         try:
             for node in nodes:
                 process = subprocess.Popen(
                     node.command, env={**env, **node.env}, cwd=cwd, pass_fds=node.pass_fds,
-                    start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                    start_new_session=True, preexec_fn=stop_with_this_process,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 processes.append(process)
                 prefix = f"[node {node.rank}] " if len(nodes) > 1 else ""
                 reader = threading.Thread(target=_forward, args=(process.stdout, prefix, lines), daemon=True)
@@ -168,6 +172,23 @@ class TrainerResource(dg.ConfigurableResource):
             sys.stdout.write(line)
             last.append(line)
         return None if failed is None else (nodes[failed].rank, codes[failed], list(last))
+
+
+def _stop_with_parent(parent: int):
+    """A preexec_fn that has the kernel send the launcher SIGTERM when the thread that started it
+    dies (Linux PR_SET_PDEATHSIG; None elsewhere). A run worker killed with its process group (a
+    daemon stopped with SIGKILL) thus stops its training too: torchrun and the deepspeed launcher
+    stop their ranks on SIGTERM, where SIGKILL would leave the ranks (in sessions of their own)
+    training into the folder a retry of the run resumes from."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_death_signal() -> None:  # in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return set_death_signal
 
 
 def _forward(stream, prefix: str, lines: queue.Queue) -> None:

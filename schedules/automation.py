@@ -2,7 +2,9 @@
 
 The sensors are thin: they read production tables, call the pure decisions in the library, and
 request runs with a run_key derived from what they saw, so a restarted daemon that evaluates the
-same window again launches nothing twice.
+same window again launches nothing twice. A decision whose runs all died outside their own code
+(a dead run worker, after the daemon's retries) is requested again under a new key, a few times at
+most (runs.next_request); one whose own code failed is not.
 """
 
 import json
@@ -49,6 +51,9 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
+    again = request_again(context, "feedback", loop_settings)
+    if again is not None:
+        return again
     since = context.cursor if traffic_log.is_snapshot(context.cursor) else None
     window = traffic_log.new_negative_feedback(engine, since, production.version)
     if window.negative < loop_settings.feedback_threshold:
@@ -63,7 +68,7 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
         run_key=f"feedback-{window.key}",
         run_config=loop_settings.retrain_run_config(),
         tags={"llmops/trigger": "feedback", "llmops/negative_feedback": str(window.negative),
-              "llmops/feedback_window": window.key},
+              "llmops/feedback_window": window.key, runs.DECISION_TAG: f"feedback-{window.key}"},
     )
 
 
@@ -78,6 +83,9 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     production = registry.production(engine)
     if production is None:
         return dg.SkipReason("no model is in production yet")
+    again = request_again(context, "drift", loop_settings)
+    if again is not None:
+        return again
     pending = runs.in_flight(context.instance, RETRAIN_JOBS)
     if pending:
         return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
@@ -98,10 +106,28 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     return dg.RunRequest(
         run_key=f"drift-{window_key}",
         run_config=loop_settings.retrain_run_config(),
-        tags={"llmops/trigger": "drift", "llmops/drift": json.dumps(
+        tags={"llmops/trigger": "drift", runs.DECISION_TAG: f"drift-{window_key}", "llmops/drift": json.dumps(
             {"statistic": round(result.statistic, 6), "threshold": round(result.threshold, 6),
              "p_value": round(result.p_value, 4)})},
     )
+
+
+def request_again(context: dg.SensorEvaluationContext, trigger: str,
+                  loop_settings: LoopSettings) -> dg.RunRequest | dg.SkipReason | None:
+    """The request of `trigger`'s newest decision again when its runs were all lost to failures
+    outside them (runs.next_request), under a new run key, once no retrain is queued or running;
+    None when there is no such decision. The cursor stays: the decision's window was counted."""
+    lost = runs.lost_decision(context.instance, trigger, loop_settings.max_requests_per_decision,
+                              RETRAIN_JOBS)
+    if lost is None:
+        return None
+    pending = runs.in_flight(context.instance, RETRAIN_JOBS)
+    if pending:
+        return dg.SkipReason(f"{lost.decision} is to be requested again, but run {pending[0].run_id} "
+                             f"({pending[0].job_name}) is queued or running")
+    context.log.info(f"{lost.decision}: its runs failed outside their own code (a dead run worker); "
+                     f"requesting it again ({lost.number + 1} of {loop_settings.max_requests_per_decision})")
+    return lost.run_request()
 
 
 @dg.sensor(job=rollback_job, minimum_interval_seconds=120, default_status=dg.DefaultSensorStatus.RUNNING)

@@ -15,11 +15,23 @@ main_job = dg.define_asset_job(
     "base model, fine-tune, eval report, approved model, serving deployment.",
 )
 
+# A requested retrain is never lost to a dead run worker: the daemon retries a retrain that failed
+# outside its steps (the worker killed, e.g. with the daemon's process group; run monitoring marks
+# it failed) up to twice, from the failure: finished steps are reused and the fine-tune resumes
+# from its last complete DeepSpeed checkpoint (same settings, same version folder). A step that
+# fails on its own (bad data, a gate) is not retried: the same inputs would fail again.
+RETRAIN_RETRIES = {
+    "dagster/max_retries": "2",
+    "dagster/retry_strategy": "FROM_FAILURE",
+    "dagster/retry_on_asset_or_op_failure": "false",
+}
+
 # The stale part after production feedback or drift: curate feedback, then everything downstream
 # of it through serving_deployment (raw_examples is unchanged, so it is not rerun).
 retrain_job = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.assets("feedback_table").downstream() - ON_DEMAND,
+    tags=RETRAIN_RETRIES,
     description="Curate feedback, revalidate, retrain, re-evaluate, re-approve and redeploy.",
 )
 

@@ -45,6 +45,11 @@ def test_undecodable_bytes_in_an_argument_are_refused_without_a_traceback(tmp_pa
     (["run", "--job", "nope"], "--job 'nope' is not a job; one of ['deploy', 'main', 'retrain', 'rollback']"),
     (["run", "--config", "{bad"], "--config is not JSON: Expecting property name"),
     (["run", "--config", "[1]"], "--config must be a JSON object"),
+    # The reproduction: a command line in run config names its deployment setting.
+    (["run", "--config", '{"resources": {"trainer": {"config": {"node_start_command": '
+                         '["sh", "-c", "id > proof.txt; exit 3", "--"]}}}}'],
+     "trainer.node_start_command is a deployment setting, not run config: set "
+     "LLMOPS_TRAINER_NODE_START_COMMAND"),
 ])
 def test_run_refuses_an_unknown_job_or_bad_config_before_starting(argv, message, capsys):
     assert cli.main(argv) == 2

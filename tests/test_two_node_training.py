@@ -1,7 +1,8 @@
-"""Training on two nodes, shown on one machine: the finetuned_checkpoint asset launched by
-TrainerResource(nodes=2) as two torchrun nodes (--nnodes 2, node ranks 0 and 1, one DeepSpeed rank
-each, gloo on CPU, rendezvous on 127.0.0.1) through Dagster Pipes; the two-node run SIGKILLed
-mid-way, then resumed on one node (2 ranks). Also the layout's and the artifact storage's settings.
+"""Training on two nodes, shown on one machine: the finetuned_checkpoint asset launched, with the
+deployment setting LLMOPS_TRAINER_NODES=2 in the environment, as two torchrun nodes (--nnodes 2,
+node ranks 0 and 1, one DeepSpeed rank each, gloo on CPU, rendezvous on 127.0.0.1) through Dagster
+Pipes; the two-node run SIGKILLed mid-way, then resumed on one node (2 ranks). Also the layout's
+and the artifact storage's settings.
 Touches the embedded PostgreSQL (a database of its own), real torchrun and DeepSpeed processes and
 a temporary artifact root."""
 
@@ -22,6 +23,7 @@ from assets.dataset import raw_examples, validated_dataset
 from assets.prompts import prompt_set
 from assets.training import base_model, finetuned_checkpoint
 from llmops_dagster.training import checkpoints, launch
+from llmops_dagster.training.launch import DEPLOYMENT_ENV
 from llmops_dagster.training.run_config import read_history
 from llmops_dagster.training.train_lora import FAULT_ENV
 from resources.artifacts import ArtifactStorageError, ArtifactStore
@@ -31,26 +33,27 @@ TINY_BASE = {"vocab_size": 400, "hidden_size": 64, "intermediate_size": 128,
              "num_hidden_layers": 2, "num_attention_heads": 4}
 TINY_FINETUNE = {"num_processes": 2, "max_steps": 16, "checkpoint_every": 4, "micro_batch_size": 4,
                  "seq_len": 64, "learning_rate": 0.01}
-TWO_NODES = TrainerResource(nodes=2)
-ONE_NODE = TrainerResource()
+TWO_NODES, ONE_NODE = 2, 1
+TRAINER = TrainerResource()
 
 
 @pytest.fixture
-def stage(resources, instance):
+def stage(resources, instance, monkeypatch):
     """Data stage and base model materialized once; returns a function that runs the fine-tune
-    with a given trainer."""
+    on a given number of nodes (the deployment setting, from the environment)."""
     result = dg.materialize(
         [raw_examples, validated_dataset, prompt_set, base_model],
-        resources={**resources, "trainer": ONE_NODE}, instance=instance,
+        resources={**resources, "trainer": TRAINER}, instance=instance,
         run_config={"ops": {"raw_examples": {"config": {"synthetic_rows": 300}},
                             "base_model": {"config": TINY_BASE}}},
     )
     assert result.success
 
-    def finetune(trainer: TrainerResource, **overrides):
+    def finetune(nodes: int, **overrides):
+        monkeypatch.setenv(DEPLOYMENT_ENV["nodes"], str(nodes))
         return dg.materialize(
             [finetuned_checkpoint, prompt_set, base_model], selection=[finetuned_checkpoint],
-            resources={**resources, "trainer": trainer}, instance=instance, raise_on_error=False,
+            resources={**resources, "trainer": TRAINER}, instance=instance, raise_on_error=False,
             run_config={"ops": {"finetuned_checkpoint": {"config": {**TINY_FINETUNE, **overrides}}}},
         )
     return finetune
@@ -204,26 +207,32 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_node_layout_settings(tmp_path):
+def test_node_layout_settings(tmp_path, monkeypatch):
+    """The node layout comes from the deployment settings in the environment."""
     run_file = tmp_path / "train_config.json"
-    cluster = TrainerResource(nodes=2, rendezvous_endpoint="10.0.0.1:29650",
-                              node_start_command=["srun", "--nodes=1", "--relative={node_rank}"])
-    with cluster.node_launches(run_file, 16) as nodes:
+    monkeypatch.setenv(DEPLOYMENT_ENV["nodes"], "2")
+    monkeypatch.setenv(DEPLOYMENT_ENV["rendezvous_endpoint"], "10.0.0.1:29650")
+    monkeypatch.setenv(DEPLOYMENT_ENV["node_start_command"], "srun --nodes=1 --relative={node_rank}")
+    with TRAINER.node_launches(run_file, 16) as nodes:
         assert [(n.rank, n.remote, n.pass_fds) for n in nodes] == [(0, False, ()), (1, True, ())]
         assert nodes[1].command[:3] == ["srun", "--nodes=1", "--relative=1"]
         for node in nodes:
             assert node.command[-8:-4] == ["--nnodes=2", f"--node-rank={node.rank}",
                                            "--rdzv-endpoint=10.0.0.1:29650", "--nproc_per_node=8"]
-    with TWO_NODES.node_launches(run_file, 2) as nodes:  # one machine: a free port held for node 0
+    monkeypatch.delenv(DEPLOYMENT_ENV["rendezvous_endpoint"])
+    monkeypatch.delenv(DEPLOYMENT_ENV["node_start_command"])
+    with TRAINER.node_launches(run_file, 2) as nodes:  # one machine: a free port held for node 0
         [endpoint] = {a for n in nodes for a in n.command if a.startswith("--rdzv-endpoint=")}
         assert endpoint.startswith("--rdzv-endpoint=127.0.0.1:") and not endpoint.endswith(":0")
         assert len(nodes[0].pass_fds) == 1 and nodes[1].pass_fds == ()
-    uneven = r"num_processes=3 ranks cannot be split evenly over trainer.nodes=2"
+        assert not any(n.remote for n in nodes)
+    uneven = r"num_processes=3 ranks cannot be split evenly over 2 trainer nodes \(LLMOPS_TRAINER_NODES\)"
     with pytest.raises(dg.Failure, match=uneven):
-        with TWO_NODES.node_launches(run_file, 3):
+        with TRAINER.node_launches(run_file, 3):
             pass
-    with pytest.raises(dg.Failure, match="trainer.nodes applies to launcher 'torchrun'"):
-        with TrainerResource(launcher="deepspeed", nodes=2).node_launches(run_file, 2):
+    monkeypatch.setenv(DEPLOYMENT_ENV["launcher"], "deepspeed")
+    with pytest.raises(dg.Failure, match="LLMOPS_TRAINER_NODES applies to launcher 'torchrun'"):
+        with TRAINER.node_launches(run_file, 2):
             pass
 
 

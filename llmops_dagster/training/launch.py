@@ -7,11 +7,20 @@ import copy
 import hashlib
 import json
 import os
+import shlex
 import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from llmops_dagster.settings import (
+    DEPLOYMENT_FILE_ENV,
+    DEPLOYMENT_FILE_NAME,
+    SettingError,
+    check_operator_owned,
+    deployment_table,
+)
 from llmops_dagster.training.base_model import check_loadable, module_names
 
 DEEPSPEED_CONFIGS_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
@@ -34,14 +43,27 @@ class DeepSpeedOverrides:
 
 
 def load_deepspeed_config(name_or_path: str) -> dict:
-    """A config from deepspeed_configs/ by name (without .json), or from a path."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = DEEPSPEED_CONFIGS_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        available = sorted(p.stem for p in DEEPSPEED_CONFIGS_DIR.glob("*.json"))
-        raise TrainingConfigError(f"finetuned_checkpoint.deepspeed_config {name_or_path!r} is neither "
-                                  f"a file nor one of {available}")
+    """A config from deepspeed_configs/ by name (without .json), or a file in the operator's folder
+    of DeepSpeed configs (the deployment setting deepspeed_config_dir). A DeepSpeed config says
+    where DeepSpeed writes (monitors, the profiler, NVMe offload), so run config picks among the
+    files the operator put there, never any path."""
+    shipped = {p.stem: p for p in DEEPSPEED_CONFIGS_DIR.glob("*.json")}
+    if name_or_path in shipped:
+        return json.loads(shipped[name_or_path].read_text())
+    setting = f"finetuned_checkpoint.deepspeed_config {name_or_path!r}"
+    try:
+        folder = training_deployment().deepspeed_config_dir
+        path = Path(folder, name_or_path) if folder else None
+        if path is not None and not path.is_file() and path.with_suffix(".json").is_file():
+            path = path.with_suffix(".json")
+        path = path.resolve() if path is not None else None  # a link out of the folder leaves it
+        if path is None or not path.is_file() or not path.is_relative_to(Path(folder).resolve()):
+            where = (f"a file in {folder}" if folder else f"a file in the folder that "
+                     f"{DEPLOYMENT_ENV['deepspeed_config_dir']} names (unset)")
+            raise TrainingConfigError(f"{setting} is neither one of {sorted(shipped)} nor {where}")
+        check_operator_owned(path, setting)
+    except SettingError as error:
+        raise TrainingConfigError(str(error)) from error
     return json.loads(path.read_text())
 
 
@@ -137,16 +159,17 @@ def launch_command(run_file: Path, num_processes: int, launcher: str = "torchrun
         command = [sys.executable, "-m", "deepspeed.launcher.runner", f"--master_port={free_port()}"]
         command += [f"--hostfile={hostfile}"] if hostfile else [f"--num_gpus={num_processes}"]
         return command + ["--module", TRAINING_MODULE, "--config", str(run_file)]
-    raise TrainingConfigError(f"trainer.launcher must be 'torchrun' or 'deepspeed', got {launcher!r}")
+    raise TrainingConfigError(f"{DEPLOYMENT_ENV['launcher']} must be one of {list(LAUNCHERS)}, "
+                              f"got {launcher!r}")
 
 
 def ranks_per_node(num_processes: int, nodes: int) -> int:
     """The ranks each of `nodes` torchrun nodes runs: the fine-tune's ranks split evenly."""
     if nodes < 1:
-        raise TrainingConfigError(f"trainer.nodes must be at least 1, got {nodes}")
+        raise TrainingConfigError(f"{DEPLOYMENT_ENV['nodes']} must be at least 1, got {nodes}")
     if num_processes % nodes:
         raise TrainingConfigError(f"finetuned_checkpoint.num_processes={num_processes} ranks cannot be "
-                                  f"split evenly over trainer.nodes={nodes}")
+                                  f"split evenly over {nodes} trainer nodes ({DEPLOYMENT_ENV['nodes']})")
     return num_processes // nodes
 
 
@@ -158,3 +181,103 @@ def node_command(run_file: Path, num_processes: int, nodes: int, node_rank: int,
     return [*TORCHRUN, f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--rdzv-endpoint={endpoint}",
             f"--nproc_per_node={ranks_per_node(num_processes, nodes)}",
             "-m", TRAINING_MODULE, "--config", str(run_file)]
+
+
+LAUNCHERS = ("torchrun", "deepspeed")
+DEPLOYMENT_SECTION = "trainer"  # the deployment file's table of the settings below
+# Where each deployment setting of the trainer is read: its environment variable (wins) and its key
+# in the deployment file's [trainer] table.
+DEPLOYMENT_ENV = {
+    "launcher": "LLMOPS_TRAINER_LAUNCHER",
+    "hostfile": "LLMOPS_TRAINER_HOSTFILE",
+    "nodes": "LLMOPS_TRAINER_NODES",
+    "rendezvous_endpoint": "LLMOPS_TRAINER_RENDEZVOUS_ENDPOINT",
+    "node_start_command": "LLMOPS_TRAINER_NODE_START_COMMAND",
+    "deepspeed_config_dir": "LLMOPS_TRAINER_DEEPSPEED_CONFIG_DIR",
+}
+
+
+@dataclass(frozen=True)
+class TrainingDeployment:
+    """Where and how the fine-tune's processes start. These decide what the platform executes and
+    where it connects, so they are the operator's: the platform's environment or the deployment
+    file, never run config (which whoever launches a run writes)."""
+
+    launcher: str = "torchrun"  # 'torchrun' (one node, or `nodes`) or 'deepspeed' (hostfile)
+    hostfile: str = ""  # the deepspeed launcher's hosts (it reaches them over ssh/pdsh)
+    nodes: int = 1  # torchrun nodes, one launcher each; node 0 runs here and holds global rank 0
+    # host:port of node 0's rendezvous store, open between the nodes; empty: 127.0.0.1, free port
+    rendezvous_endpoint: str = ""
+    # Prefix that starts node {node_rank}'s launcher on its machine (srun, ssh); empty: this machine
+    node_start_command: tuple[str, ...] = ()
+    # The operator's DeepSpeed config files, which finetuned_checkpoint.deepspeed_config may name
+    # (by file name) beside the shipped ones; empty: only the shipped ones
+    deepspeed_config_dir: str = ""
+
+
+def deployment_setting_message(name: str) -> str:
+    """Where trainer setting `name` is set instead of run config."""
+    return (f"trainer.{name} is a deployment setting, not run config: set {DEPLOYMENT_ENV[name]} in "
+            f"the platform's environment, or `{name}` in the [{DEPLOYMENT_SECTION}] table of "
+            f"$LLMOPS_HOME/{DEPLOYMENT_FILE_NAME} (or of the file {DEPLOYMENT_FILE_ENV} names)")
+
+
+def deployment_settings_in(run_config: Mapping | None) -> list[str]:
+    """One message for each deployment setting that `run_config` (launchpad, `llmops run
+    --config`) tries to set under resources.trainer.config; empty when it sets none."""
+    trainer = ((run_config or {}).get("resources") or {}).get("trainer") or {}
+    given = trainer.get("config") or {}
+    return [deployment_setting_message(name) for name in DEPLOYMENT_ENV if name in given]
+
+
+def refuse_deployment_settings(run_config: Mapping | None) -> None:
+    """Raise TrainingConfigError naming every deployment setting `run_config` tries to set."""
+    found = deployment_settings_in(run_config)
+    if found:
+        raise TrainingConfigError("; ".join(found) + ". Nothing was run.")
+
+
+def training_deployment(environ: Mapping[str, str] = os.environ) -> TrainingDeployment:
+    """The trainer's deployment settings: each from its environment variable when set, else from
+    the deployment file's [trainer] table, else the default (one node on this machine under
+    torchrun). Errors name the variable or the file."""
+    table, path = deployment_table(DEPLOYMENT_SECTION)
+    unknown = sorted(set(table) - set(DEPLOYMENT_ENV))
+    if unknown:
+        raise SettingError(f"deployment file {path}: [{DEPLOYMENT_SECTION}] has unknown settings "
+                           f"{unknown}; known: {sorted(DEPLOYMENT_ENV)}")
+    values = {}
+    for spec in fields(TrainingDeployment):
+        variable = DEPLOYMENT_ENV[spec.name]
+        if environ.get(variable, "").strip():
+            values[spec.name] = _parse(spec.name, environ[variable].strip(), variable)
+        elif spec.name in table:
+            values[spec.name] = _parse(spec.name, table[spec.name],
+                                       f"`{spec.name}` in [{DEPLOYMENT_SECTION}] of {path}")
+    deployment = TrainingDeployment(**values)
+    if deployment.hostfile:  # its hosts are where the deepspeed launcher runs commands
+        check_operator_owned(Path(deployment.hostfile), DEPLOYMENT_ENV["hostfile"])
+    return deployment
+
+
+def _parse(name: str, value, where: str):
+    """Deployment setting `name` from `value` (a string from the environment, or a TOML value);
+    `where` names its source in errors."""
+    if name == "nodes":
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SettingError(f"{where} must be a whole number of nodes, at least 1, got {value!r}")
+        return value
+    if name == "node_start_command":
+        if isinstance(value, str):
+            value = shlex.split(value)
+        if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+            raise SettingError(f"{where} must be a command: a list of strings (file) or a shell-quoted "
+                               f"string (environment), got {value!r}")
+        return tuple(value)
+    if not isinstance(value, str):
+        raise SettingError(f"{where} must be a string, got {value!r}")
+    if name == "launcher" and value not in LAUNCHERS:
+        raise SettingError(f"{where} must be one of {list(LAUNCHERS)}, got {value!r}")
+    return value
