@@ -16,6 +16,7 @@ from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, sta
 from llmops_dagster.loop import signals
 from llmops_dagster.prompts.rendering import load_renderer
 from llmops_dagster.serving import credentials
+from llmops_dagster.serving.admission import AdmissionSettings
 from llmops_dagster.serving.app import ServingConfig
 from llmops_dagster.settings import declared
 from resources.database import PostgresResource
@@ -31,6 +32,14 @@ class ServingDeploymentConfig(dg.Config):
     generate_rate_limit: str = declared(ServingConfig, "generate_rate_limit")
     feedback_rate_limit: str = declared(ServingConfig, "feedback_rate_limit")
     max_queued_requests: int = declared(ServingConfig, "max_queued_requests")
+    # What Serve's proxies admit before a replica sees a request (admission.py).
+    max_body_bytes: int = declared(AdmissionSettings, "max_body_bytes")
+    body_timeout_s: float = declared(AdmissionSettings, "body_timeout_s")
+    max_concurrent_per_address: int = declared(AdmissionSettings, "max_concurrent_per_address")
+    max_concurrent_per_key: int = declared(AdmissionSettings, "max_concurrent_per_key")
+    max_concurrent_keyed_per_address: int = declared(AdmissionSettings, "max_concurrent_keyed_per_address")
+    health_wait_s: float = declared(AdmissionSettings, "health_wait_s")
+    trusted_proxies: str = declared(AdmissionSettings, "trusted_proxies")
     database_url_file: str = Field(default="", description="A file holding the database URL on every "
                                    "Serve node (a mounted secret). Empty: a 0600 file the platform writes "
                                    "under $LLMOPS_HOME/secrets, readable by a local head only.")
@@ -39,11 +48,22 @@ class ServingDeploymentConfig(dg.Config):
                                "no longer production), then serve the version it restores.")
     rollback_reason: str = Field(default="", description="Why (kept in the registry's audit log).")
 
+    def admission(self) -> AdmissionSettings:
+        """The proxies' admission settings; ValueError naming one out of its bounds."""
+        from dataclasses import fields
+
+        return AdmissionSettings(**{f.name: getattr(self, f.name) for f in fields(AdmissionSettings)})
+
     def check(self, http_host: str, on_cluster: bool = False) -> None:
-        """Refuse settings that would expose the model: an open /v1/generate off loopback, or a
-        rate limit the `limits` library cannot read; and on a cluster, a database URL file that
-        only this machine has."""
+        """Refuse settings that would expose the model: an open /v1/generate off loopback, a
+        rate limit the `limits` library cannot read, or an admission limit out of its bounds; and
+        on a cluster, a database URL file that only this machine has."""
         from limits import parse
+
+        try:
+            self.admission()
+        except ValueError as error:
+            raise dg.Failure(f"serving_deployment.{error}") from None
 
         if on_cluster and not self.database_url_file:
             raise dg.Failure("serving_deployment.database_url_file must name a file provisioned on "
@@ -91,6 +111,7 @@ def _serving_config(engine, version: registry.ModelVersion, database_url_file: s
         generate_rate_limit=config.generate_rate_limit,
         feedback_rate_limit=config.feedback_rate_limit,
         max_queued_requests=config.max_queued_requests,
+        admission=asdict(config.admission()),
         seq_len=version.train_config.get("seq_len", ServingConfig.seq_len),
     )
 
@@ -136,6 +157,10 @@ def serving_deployment(
             "generate": "API key required" if config.generate_requires_key else "open (loopback)",
             "rate_limits": f"generate {config.generate_rate_limit}, feedback "
                            f"{config.feedback_rate_limit} per key and per address",
+            "admission": f"bodies up to {config.max_body_bytes} bytes within {config.body_timeout_s:g} s; "
+                         f"in flight at most {config.max_concurrent_per_address} per address without "
+                         f"a key, {config.max_concurrent_per_key} per key; X-Forwarded-For from "
+                         f"{config.trusted_proxies or 'no proxy'}",
             "endpoints": dg.MetadataValue.md(
                 "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
                 "| GET | /v1/reviews (reviewer key) |\n| POST | /v1/reviews/{id} (reviewer key) |\n"

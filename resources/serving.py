@@ -4,13 +4,14 @@ import hashlib
 import json
 import os
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from llmops_dagster.serving import ray_cluster
+from llmops_dagster.serving import admission, ray_cluster
 from llmops_dagster.serving.app import REPLICA_CPUS, ServingConfig, build_app
 from llmops_dagster.settings import llmops_home
 
@@ -66,21 +67,46 @@ class RayServeResource(dg.ConfigurableResource):
     def served(self, timeout_s: float = 2) -> dict | None:
         """What Serve answers at /healthz (model version, config digest), or None when nothing
         answers within `timeout_s`."""
+        return self._health(timeout_s)[0]
+
+    def _health(self, timeout_s: float) -> tuple[dict | None, str | None]:
+        """/healthz's answer (None when nothing answers) and the digest of the admission settings
+        the proxy that answered applies (admission.ADMISSION_HEADER; None without admission)."""
         try:
             with urllib.request.urlopen(f"{self.url()}/healthz", timeout=timeout_s) as response:
-                return json.loads(response.read())
+                return json.loads(response.read()), response.headers.get(admission.ADMISSION_HEADER)
         except (OSError, ValueError):
-            return None
+            return None, None
 
-    def _rolled_out(self, digest: str, since: float) -> bool:
+    def proxy_admission(self, timeout_s: float = 30) -> str | None:
+        """The admission digest Serve's proxy answers with on its own route /-/healthz (which
+        needs no app): "" when the proxy runs without admission.py, None when no proxy answers
+        within `timeout_s` (a proxy starts a few seconds after `serve.start`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url()}/-/healthz", timeout=5) as response:
+                    return response.headers.get(admission.ADMISSION_HEADER, "")
+            except urllib.error.HTTPError as error:  # e.g. 503 while it starts: its headers still say
+                return error.headers.get(admission.ADMISSION_HEADER, "")
+            except OSError:
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.2)
+
+    def _rolled_out(self, digest: str, admitted: str, since: float) -> bool:
         """Whether the app runs `digest`'s config everywhere: Serve says RUNNING (the rollout is
-        over, old replicas gone) and /healthz answers with that digest. Raises when Serve says
-        that a deploy made at or after `since` (time.time()) failed; an earlier failure is the
-        state this deploy replaces."""
+        over, old replicas gone) and /healthz answers with that digest, through a proxy that
+        applies the admission settings of digest `admitted`. Raises when Serve says that a deploy
+        made at or after `since` (time.time()) failed; an earlier failure is the state this
+        deploy replaces."""
         status, message, deployed_at = _app_status()
         if status == "DEPLOY_FAILED" and deployed_at >= since:
             raise dg.Failure(f"Serve could not deploy the serving app: {message}")
-        return status == "RUNNING" and (self.served(timeout_s=5) or {}).get("config_digest") == digest
+        if status != "RUNNING":
+            return False
+        health, admission_digest = self._health(timeout_s=5)
+        return (health or {}).get("config_digest") == digest and admission_digest == admitted
 
     def served_version(self) -> str | None:
         return (self.served() or {}).get("model_version")
@@ -118,12 +144,27 @@ class RayServeResource(dg.ConfigurableResource):
 
     def deploy(self, config: ServingConfig, timeout_s: float = 180) -> str:
         """Deploy (or roll out) `config`; return once every replica serves it (Serve says RUNNING
-        and /healthz answers with its config digest), or fail after `timeout_s`."""
+        and /healthz answers with its config digest) behind a proxy that admits with its
+        admission settings, or fail after `timeout_s`."""
         from ray import serve
 
         ray_cluster.connect(self.address(), local=self.is_local())
         # No gRPC servicers: Serve starts no gRPC proxy (it would bind "[::]:port", whatever the host).
         serve.start(http_options={"host": self.http_host, "port": self.http_port})
+        admitted = self.proxy_admission()
+        if admitted is None:
+            raise dg.Failure(f"Serve's proxy does not answer at {self.url()}/-/healthz")
+        if not admitted:
+            environment = " ".join(f"{name}={value!r}" for name, value in admission.PROXY_ENV.items())
+            raise dg.Failure(
+                f"Serve's proxy at {self.url()} runs without the admission layer (no body limits, "
+                "no in-flight caps, X-Forwarded-For believed from loopback): its Ray node was "
+                f"started without `{environment}`. "
+                + ("Stop the local head (`llmops serve stop`) so that the next deploy starts it "
+                   "with them." if self.is_local() else
+                   "Start every node of the cluster with that environment."))
+        settings = admission.AdmissionSettings(**config.admission)
+        admission.publish(settings)  # every proxy applies them within admission.SETTINGS_REFRESH_S
         wanted = self.with_replicas(config)
         app = build_app(wanted, max_surge_percent=self.rollout_surge_percent(wanted.replicas))
         # Not serve.run: it waits for the app without a time limit (forever, when a replica
@@ -133,7 +174,7 @@ class RayServeResource(dg.ConfigurableResource):
                        wait_for_applications_running=False)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self._rolled_out(wanted.digest(), since):
+            if self._rolled_out(wanted.digest(), settings.digest(), since):
                 return self.url()
             time.sleep(0.2)
         raise dg.Failure(f"the serving app did not answer with model {config.model_version} at "

@@ -24,9 +24,11 @@ from llmops_dagster import database
 SERVING_HTTP_PORT = int(os.environ.get("LLMOPS_TEST_HTTP_PORT", "8011"))
 SERVING_GCS_PORT = int(os.environ.get("LLMOPS_TEST_RAY_PORT", "6391"))
 SERVED_TEMPLATE_DATABASE = "served_template"
-# Tests send thousands of requests from 127.0.0.1 on purpose; the rate limits have tests of their
-# own (test_feedback_trust.py), which redeploy with small ones.
-UNLIMITED = {"generate_rate_limit": "1000000/minute", "feedback_rate_limit": "1000000/minute"}
+# Tests send thousands of requests from 127.0.0.1 on purpose, many at once; the rate limits and the
+# in-flight caps have tests of their own (test_feedback_attacks.py, test_serving_abuse.py), which
+# deploy with small ones.
+UNLIMITED = {"generate_rate_limit": "1000000/minute", "feedback_rate_limit": "1000000/minute",
+             "max_concurrent_per_address": 4096}
 
 
 @pytest.fixture(autouse=True)
@@ -227,9 +229,11 @@ def served_model_with_runs(served_template, platform_db, ray_serve, monkeypatch,
         yield {**served, "dagster_home": dagster_home}
 
 
-def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance):
+def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tmp_path, instance,
+                        config: dict = UNLIMITED):
     """The session's default model served by Ray Serve on 127.0.0.1, logging to a database of this
-    test's own (a copy of the template: the same registry, versions and eval report).
+    test's own (a copy of the template: the same registry, versions and eval report), deployed
+    with serving_deployment `config`.
 
     Returns a dict: url, resources (for dg.materialize), instance, version, engine, result.
     """
@@ -249,7 +253,7 @@ def serve_template_copy(served_template, platform_db, ray_serve, monkeypatch, tm
         "ray_serve": ray_serve,
     }
     result = dg.materialize([serving_deployment], resources=resources, instance=instance,
-                            run_config={"ops": {"serving_deployment": {"config": UNLIMITED}}})
+                            run_config={"ops": {"serving_deployment": {"config": config}}})
     assert result.success
     [event] = result.asset_materializations_for_node("serving_deployment")
     assert event.metadata["model_version"].value == served_template["version"]

@@ -176,19 +176,22 @@ def redeploy(served: dict, **config) -> None:
 def test_rate_limits_per_address_and_key_and_a_bounded_queue(served_model):
     url, engine = served_model["url"], served_model["engine"]
     _, key = credentials.create_key(engine, "busy-client", "client", created_by="test")
+    # 4096 in flight per host: the bounded queue below is Serve's, not the proxy's per-host cap.
     redeploy(served_model, generate_rate_limit="1000000/minute", feedback_rate_limit="5/minute",
-             max_queued_requests=1)
+             max_queued_requests=1, max_concurrent_per_address=4096)
     answer = ask(url, "Where is my order A12345?", key=key)
     rating = {"response_id": answer["response_id"], "rating": 1}
 
-    # Per address: the sixth rating from 127.0.0.2 within a minute is refused, wrong keys included.
-    statuses = [call(url, "/v1/feedback", rating, source="127.0.0.2")[0] for _ in range(5)]
-    status, body, headers = call(url, "/v1/feedback", rating, key="llk_wrong", source="127.0.0.2")
-    assert statuses == [200] * 5 and status == 429 and "per address" in body["detail"]
-    assert 1 <= int(headers["Retry-After"]) <= 60
-    # A wrong key from a fresh address: 401, and the rating is not stored.
+    # A wrong key: 401, the rating is not stored, and the attempt spends its host's budget (every
+    # 127.0.0.0/8 address is this one host: a local user can bind any of them).
     status, body, headers = call(url, "/v1/feedback", rating, key="llk_wrong", source="127.0.0.3")
     assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+    # Per host: four more ratings from 127.0.0.2 fill the 5 a minute; a sixth attempt from any
+    # loopback address is refused, wrong keys included.
+    statuses = [call(url, "/v1/feedback", rating, source="127.0.0.2")[0] for _ in range(4)]
+    status, body, headers = call(url, "/v1/feedback", rating, key="llk_wrong", source="127.0.0.5")
+    assert statuses == [200] * 4 and status == 429 and "per address" in body["detail"]
+    assert 1 <= int(headers["Retry-After"]) <= 60
 
     # Per key: the key's budget holds whatever address it comes from.
     outcomes = [call(url, "/v1/feedback", rating, key=key, source=f"127.0.0.{4 + n}") for n in range(6)]

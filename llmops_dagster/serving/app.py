@@ -12,8 +12,11 @@
 Credentials (`credentials.py`): an API key as `Authorization: Bearer ...`, or the feedback token
 that came with an answer. A wrong or revoked key gets 401; a rating is always stored, and counts
 towards the loop only with a credential, once per answer and rater (the answer says which and why).
-Every endpoint that writes is rate limited per key and per source address (429 with Retry-After),
-and the deployment's queue is bounded (503 with Retry-After from Serve's proxy).
+Every endpoint that writes is rate limited (429 with Retry-After): a request whose key
+authenticates spends its key's budget, any other its client host's (`rate_limits.py`). Before a
+replica sees a request, Serve's proxy admits it (`admission.py`): body size and time limits,
+requests in flight per client, X-Forwarded-For only from a trusted proxy, /healthz answered
+without queueing behind generation; and the deployment's queue is bounded (503 with Retry-After).
 
 Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding.
 Every answer goes to `request_log` with the model version (committed before its 200, with the rows
@@ -42,6 +45,7 @@ from llmops_dagster.dataset.formats import ROLES, turn_order_error
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
 from llmops_dagster.serving import batching, credentials, traffic_log
+from llmops_dagster.serving.admission import AdmissionSettings, budget_host
 from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
 from llmops_dagster.training.run_config import FinetuneSettings
@@ -212,6 +216,9 @@ class ServingConfig:
     max_queued_requests: int = field(default=256, metadata={
         "help": "Requests queued at the proxy beyond what replicas are working on; over it: 503 "
         "with Retry-After (Serve's backpressure), never unbounded waiting."})
+    # What Serve's proxies admit (admission.AdmissionSettings, as a dict): published to every
+    # proxy by the deploy; part of the digest, so a change of limits is a deploy.
+    admission: dict = field(default_factory=lambda: asdict(AdmissionSettings()))
 
     def digest(self) -> str:
         """A short hash of everything a replica serves with (the database by name, not its
@@ -337,19 +344,23 @@ class ModelServer:
         return await asyncio.to_thread(self._answer_rows, batch)
 
     async def _admit(self, request: Request, endpoint: str) -> credentials.ApiKey | None:
-        """Rate limit by key and source address (429), then authenticate the bearer key (401)."""
+        """Authenticate the bearer key (401 when unknown or revoked), then spend a rate budget
+        (429): the key's when it authenticates, else the client host's, so that a wrong key is
+        counted against its host too."""
         bearer = _bearer(request)
-        address = request.client.host if request.client else None
-        refusal = self.rate_limits.check(endpoint, address, bearer)
+        key = None if bearer is None else await asyncio.to_thread(credentials.authenticate,
+                                                                  self.engine, bearer)
+        if key is not None:
+            refusal = self.rate_limits.check(endpoint, "key", str(key.id))
+        else:
+            refusal = self.rate_limits.check(endpoint, "address",
+                                             budget_host(request.client.host if request.client else None))
         if refusal is not None:
             raise HTTPException(
                 status_code=429, headers={"Retry-After": str(refusal.retry_after_s)},
                 detail=f"rate limit {refusal.limit} per {refusal.budget} reached for {endpoint}; "
                        f"retry after {refusal.retry_after_s} s")
-        if bearer is None:
-            return None
-        key = await asyncio.to_thread(credentials.authenticate, self.engine, bearer)
-        if key is None:
+        if bearer is not None and key is None:
             raise HTTPException(status_code=401, detail="the API key is unknown or revoked",
                                 headers={"WWW-Authenticate": "Bearer"})
         return key

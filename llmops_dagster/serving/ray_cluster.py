@@ -2,7 +2,9 @@
 
 The local head is started once with `ray start` (so it outlives the process that deploys) with
 token authentication on, its token in ~/.ray/auth_token, and stopped by `llmops serve stop`.
-It listens on 127.0.0.1 only, except for one port Ray has no setting for (LOCAL_HEAD_ENV).
+It listens on 127.0.0.1 only, except for one port Ray has no setting for (LOCAL_HEAD_ENV). Its
+Serve proxy admits requests through admission.py (NODE_ENV; a node of another cluster needs the
+same environment at its `ray start`).
 Worker nodes on the same machine join it with `ray start --address` (join_local_head).
 """
 
@@ -16,6 +18,8 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from llmops_dagster.serving.admission import PROXY_ENV
 
 LOCAL_PORT = 6390  # GCS port of the local head
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
@@ -33,6 +37,9 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # in ray/serve/_private/replica.py); it refuses calls without the cluster's token.
 LOCAL_HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_enable_metrics_collection": "0",
                   "AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+# Every node's Serve proxy admits requests through admission.py (body limits, in-flight caps,
+# X-Forwarded-For only from trusted proxies): read when the proxy starts, so set at `ray start`.
+NODE_ENV = {**LOCAL_HEAD_ENV, **PROXY_ENV}
 
 
 # What the Ray processes may inherit from ours: the head and every worker it starts keep their
@@ -89,7 +96,7 @@ def ensure_local_head(temp_dir: Path, num_cpus: int, port: int = LOCAL_PORT,
                       "--dashboard-agent-listen-port=0",
                       f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                       f"--temp-dir={temp_dir}", *_node_options(resources, worker_ports),
-                      env=LOCAL_HEAD_ENV, check=False)
+                      env=NODE_ENV, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"could not start the local Ray head: {result.stderr[-2000:]}")
     return address
@@ -147,7 +154,7 @@ def join_local_head(address: str, num_cpus: int, first_port: int,
                f"--runtime-env-agent-port={first_port + 4}", f"--metrics-export-port={first_port + 5}",
                *_node_options(resources, (first_port + 10, first_port + 49))]
     # A session of its own: the node's processes form one group, which outlives this call.
-    process = subprocess.Popen(command, env={**clean_environment(), **LOCAL_HEAD_ENV},
+    process = subprocess.Popen(command, env={**clean_environment(), **NODE_ENV},
                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     try:
