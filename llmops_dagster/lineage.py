@@ -143,15 +143,29 @@ def eval_report_version(report_id: int) -> str:
     return f"report-{report_id}"
 
 
+# Files a stage's products also depend on beyond its asset modules and library folder.
+STAGE_EXTRA_SOURCES = {"prompts": ("prompts/*.jinja",)}  # the templates a prompt set renders with
+
+
+def stage_sources(stage: str, root: Path = REPO_ROOT) -> list[Path]:
+    """Every file whose change changes what a stage makes: each module of assets/ that defines an
+    asset of the stage (base_model.py is a training asset), every file under llmops_dagster/<stage>/
+    (DeepSpeed configs included), and STAGE_EXTRA_SOURCES."""
+    marker = f'stage_definition("{stage}")'
+    modules = [path for path in sorted((root / "assets").glob("*.py")) if marker in path.read_text()]
+    library = [path for path in sorted((root / "llmops_dagster" / stage).rglob("*"))
+               if path.is_file() and "__pycache__" not in path.parts]
+    extra = [path for pattern in STAGE_EXTRA_SOURCES.get(stage, ()) for path in sorted(root.glob(pattern))]
+    return modules + library + extra
+
+
 @cache  # several assets of a stage share it; read the files once a process
-def stage_code_version(stage: str) -> str:
-    """Code version of a lifecycle stage: a hash of its asset module and its library folder, so
-    the UI marks an asset's product stale exactly when the code that makes it changed."""
-    sources = [REPO_ROOT / "assets" / f"{stage}.py",
-               *sorted((REPO_ROOT / "llmops_dagster" / stage).glob("*.py"))]
+def stage_code_version(stage: str, root: Path = REPO_ROOT) -> str:
+    """Code version of a lifecycle stage: a hash of its source files (`stage_sources`, by path and
+    content), so the UI marks an asset's product stale exactly when the code that makes it changed."""
     digest = hashlib.sha256()
-    for path in sources:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in stage_sources(stage, root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 
