@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ from assets.serving import ServingDeploymentConfig, serving_config
 from llmops_dagster import database
 from llmops_dagster.governance import registry
 from tests.conftest import SERVED_TEMPLATE_DATABASE, UNLIMITED
+from tests.traffic import Traffic
 
 RATE_PER_S = 20
 
@@ -51,47 +51,21 @@ def template_config(platform_db, database_url: str, **settings):
         engine.dispose()  # a template database must have no open connection
 
 
-class Traffic:
-    """Questions and ratings at a fixed rate from a thread; every outcome kept with its time."""
+def questions(url: str, rate: bool):
+    """One question (and, when `rate`, a down-vote with a correction by its feedback token) a call."""
 
-    def __init__(self, url: str, rate: bool):
-        self.url, self.rate = url, rate
-        self.outcomes: list[dict] = []
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(4)]
-
-    def _one(self, number: int) -> None:
-        at = time.monotonic()
-        status, answer, took = post(f"{self.url}/v1/generate",
+    def one(number: int) -> dict:
+        status, answer, took = post(f"{url}/v1/generate",
                                     {"prompt": f"Where is my order A{10000 + number}?", "max_new_tokens": 4})
-        outcome = {"at": at, "generate": status, "generate_s": took}
-        if status == 200 and self.rate:
-            status, stored, took = post(f"{self.url}/v1/feedback", {
+        outcome = {"generate": status, "generate_s": took}
+        if status == 200 and rate:
+            status, stored, took = post(f"{url}/v1/feedback", {
                 "response_id": answer["response_id"], "rating": -1,
                 "feedback_token": answer["feedback_token"], "correction": f"Order A{10000 + number} ships."})
             outcome.update(feedback=status, feedback_s=took, stored=stored,
                            response_id=answer["response_id"])
-        with self.lock:
-            self.outcomes.append(outcome)
-
-    def _run(self, offset: int) -> None:
-        number = offset
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self._one(number)
-            number += len(self.threads)
-            time.sleep(max(0.0, len(self.threads) / RATE_PER_S - (time.monotonic() - started)))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=120)
+        return outcome
+    return one
 
 
 def kill_postgres(data_dir: Path) -> None:
@@ -127,7 +101,7 @@ def test_postgres_killed_under_load_loses_no_acknowledged_rating(platform_db, se
     redeploy, and every rating acknowledged with a 2xx is in the database."""
     data_dir, url = own_postgres
     served = ray_serve.deploy(template_config(platform_db, url))
-    with Traffic(served, rate=True) as traffic:
+    with Traffic(questions(served, rate=True), RATE_PER_S) as traffic:
         time.sleep(4)
         kill_postgres(data_dir)
         killed_at = time.monotonic()
@@ -182,7 +156,7 @@ def test_a_replica_killed_under_load_fails_at_most_one_percent(platform_db, serv
     _, url = own_postgres
     two = RayServeResource(http_port=ray_serve.http_port, local_port=ray_serve.local_port, replicas=2)
     served = two.deploy(template_config(platform_db, url))
-    with Traffic(served, rate=False) as traffic:
+    with Traffic(questions(served, rate=False), RATE_PER_S) as traffic:
         time.sleep(5)
         victim = model_replicas()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)

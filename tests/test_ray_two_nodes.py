@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +38,7 @@ from llmops_dagster.serving import ray_cluster
 from resources.database import PostgresResource
 from resources.serving import APP_NAME, RayServeResource
 from tests.conftest import SERVED_TEMPLATE_DATABASE, UNLIMITED, new_database, unique, use_database
+from tests.traffic import Traffic
 
 # Not the session head's ports (conftest: 6391 and 8011 by default), so that this cluster and that
 # head may both run in one session. The nodes' fixed ports lie above Ray's default worker range
@@ -201,46 +201,21 @@ def postgres_roles(pid: int, admin_url: str) -> set[tuple[str, str]]:
         engine.dispose()
 
 
-class Traffic:
-    """Questions at RATE_PER_S from 4 threads until stopped; every outcome kept with its time."""
+def question(url: str):
+    """One question a call: its status, and what went wrong when it failed."""
 
-    def __init__(self, url: str):
-        self.url, self.outcomes, self.stop = url, [], threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(4)]
-
-    def _one(self, number: int) -> None:
-        at = time.monotonic()
+    def one(number: int) -> dict:
         body = {"prompt": f"Where is my order A{10000 + number}?", "max_new_tokens": 4}
-        request = urllib.request.Request(f"{self.url}/v1/generate", data=json.dumps(body).encode(),
+        request = urllib.request.Request(f"{url}/v1/generate", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
-                status, error = response.status, None
+                return {"status": response.status, "error": None}
         except urllib.error.HTTPError as failure:
-            status, error = failure.code, failure.read()[:200]
+            return {"status": failure.code, "error": failure.read()[:200]}
         except OSError as failure:  # no HTTP answer at all (connection reset, refused, timeout)
-            status, error = 0, repr(failure)[:200]
-        with self.lock:
-            self.outcomes.append({"at": at, "done": time.monotonic(), "status": status, "error": error})
-
-    def _run(self, offset: int) -> None:
-        number = offset
-        while not self.stop.is_set():
-            started = time.monotonic()
-            self._one(number)
-            number += len(self.threads)
-            time.sleep(max(0.0, len(self.threads) / RATE_PER_S - (time.monotonic() - started)))
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+            return {"status": 0, "error": repr(failure)[:200]}
+    return one
 
 
 def test_two_nodes_serve_through_a_worker_node_kill_and_rejoin(two_nodes, served_template, platform_db,
@@ -283,7 +258,7 @@ def test_two_nodes_serve_through_a_worker_node_kill_and_rejoin(two_nodes, served
             if not on_loopback(ip) and not name.startswith("ray::ServeReplica")] == []
     assert {WORKER_FIRST_PORT, WORKER_FIRST_PORT + 1} <= {port for _, _, port in worker_listeners}
 
-    with Traffic(url) as traffic:
+    with Traffic(question(url), RATE_PER_S) as traffic:
         time.sleep(4)
         killed_at = time.monotonic()
         killed = kill_node(two_nodes.worker_groups[0])

@@ -8,10 +8,7 @@ out; then a registry rollback redeploys the previous version. Not one request ma
 Touches: the session's default model served from a database of this test's own (a copy of the
 template), a fresh Dagster instance and artifact root; 127.0.0.1 only."""
 
-import concurrent.futures
 import json
-import threading
-import time
 import urllib.request
 
 import dagster as dg
@@ -31,6 +28,7 @@ from llmops_dagster.serving import credentials
 from resources.loop_settings import LoopSettings
 from schedules.automation import feedback_sensor
 from tests.conftest import UNLIMITED
+from tests.traffic import Traffic
 
 RATE_PER_S = 20
 MIN_REQUESTS = 2000
@@ -43,30 +41,17 @@ def post(url: str, body: dict, key: str | None = None) -> dict:
         return json.loads(response.read())
 
 
-class Load:
-    """Requests at a fixed rate until stopped (and at least MIN_REQUESTS sent); every outcome kept."""
+def question(url: str):
+    """One question a call: which model version answered it, or why it failed."""
 
-    def __init__(self, url: str):
-        self.url, self.outcomes, self.stop = url, [], threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _one(self, number: int):
+    def one(number: int) -> dict:
         try:
-            answer = post(f"{self.url}/v1/generate",
+            answer = post(f"{url}/v1/generate",
                           {"prompt": f"Where is my order A{10000 + number % 90000}?", "max_new_tokens": 8})
-            return ("ok", answer["model_version"])
+            return {"result": "ok", "version": answer["model_version"]}
         except Exception as error:  # every failure is counted, none is raised
-            return ("failed", repr(error))
-
-    def _run(self):
-        with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-            futures, started = [], time.monotonic()
-            while len(futures) < MIN_REQUESTS or not self.stop.is_set():
-                futures.append(pool.submit(self._one, len(futures)))
-                time.sleep(max(0.0, started + len(futures) / RATE_PER_S - time.monotonic()))
-                if len(futures) > 6 * MIN_REQUESTS:
-                    break  # bounded, whatever happens
-            self.outcomes = [f.result() for f in futures]
+            return {"result": "failed", "error": repr(error)}
+    return one
 
 
 def materialize(served_model, assets, ops=None, tags=None):
@@ -85,8 +70,8 @@ def materialize(served_model, assets, ops=None, tags=None):
 
 def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(served_model, capsys):
     url, engine, first = served_model["url"], served_model["engine"], served_model["version"]
-    load = Load(url)
-    load.thread.start()
+    load = Traffic(question(url), RATE_PER_S, workers=16, min_requests=MIN_REQUESTS,
+                   max_requests=6 * MIN_REQUESTS).start()
 
     # A shop front-end asks with its client key and passes each answer's feedback token to the
     # person, who rates it down with a correction; a reviewer accepts all but one.
@@ -153,10 +138,9 @@ def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(
     assert event.metadata["change"].value == "no change (already served)"
     assert [e["to_stage"] for e in registry.audit_log(engine, second)].count("archived") == 1
 
-    load.stop.set()
-    load.thread.join(timeout=600)
-    failures = [o for o in load.outcomes if o[0] != "ok"]
+    load.finish()
+    failures = [o for o in load.outcomes if o["result"] != "ok"]
     assert len(load.outcomes) >= MIN_REQUESTS
     assert failures == [], f"{len(failures)} of {len(load.outcomes)} requests failed: {failures[:3]}"
-    versions = [o[1] for o in load.outcomes]
+    versions = [o["version"] for o in load.outcomes]
     assert second in versions and versions[-1] == first  # served the new model, then the old again
