@@ -5,17 +5,13 @@ import dagster as dg
 from pydantic import Field
 
 from assets.dataset import validated_dataset
-from llmops_dagster.dataset import dataset_store
-from llmops_dagster.lineage import stage_definition, upstream_metadata
-from llmops_dagster.prompts import templates
-from llmops_dagster.prompts.rendering import RenderingError
-from llmops_dagster.settings import PROMPTS_DIR, declared
+from llmops_dagster.lineage import stage_definition, upstream_product
+from llmops_dagster.settings import copy_into, declared
 from llmops_dagster.training import base_model as base_models
-from llmops_dagster.training import launch
 from llmops_dagster.training.base_model import ScratchModelSpec
 from resources.artifacts import ArtifactStore
 
-SCRATCH = "scratch"
+SCRATCH = base_models.SCRATCH_KIND
 
 
 class BaseModelConfig(dg.Config):
@@ -40,8 +36,7 @@ class BaseModelConfig(dg.Config):
     )
 
     def spec(self) -> ScratchModelSpec:
-        fields = ScratchModelSpec.__dataclass_fields__
-        return ScratchModelSpec(**{name: getattr(self, name) for name in fields})
+        return copy_into(self, ScratchModelSpec)
 
 
 @dg.asset(**stage_definition("training"), deps=[validated_dataset], kinds={"transformers"})
@@ -49,41 +44,23 @@ def base_model(
     context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
 ) -> dg.MaterializeResult:
     """The causal LM to fine-tune, as a Hugging Face folder loadable with from_pretrained."""
-    dataset = upstream_metadata(context, validated_dataset)
-    if config.source == SCRATCH:
-        # The tokenizer learns from the source's training rows only: feedback rows change with every
-        # retrain, and a base model (its vocabulary) that changed with them would make each retrain
-        # start over from a new random model, where it can continue from production's adapter.
-        try:
-            template = templates.load_template(PROMPTS_DIR, config.tokenizer_template)
-            texts = base_models.tokenizer_corpus(dataset_store.read_accepted(dataset["path"]), template)
-        except RenderingError as error:
-            raise dg.Failure(description=f"base_model.tokenizer_template: {error}") from error
-        version, folder = artifacts.write_content_addressed(
-            "base_models", lambda d: base_models.build_scratch_model(texts, config.spec(), d)
-        )
-        path = str(folder)
-    else:
-        try:
-            base_models.check_loadable(config.source)
-        except base_models.BaseModelError as error:
-            raise dg.Failure(description=str(error)) from error
-        path = config.source
-        # The folder's small files (config, tokenizer, chat template) and its weights' names and
-        # sizes: a model saved again over the same folder is a new version.
-        version = launch.run_version({"source": config.source,
-                                      "files": base_models.folder_fingerprint(config.source)})
-    description = base_models.describe(path)
+    dataset = upstream_product(context, validated_dataset)
+    try:
+        model = base_models.prepare_base_model(config.source, config.spec(), config.tokenizer_template,
+                                               dataset.metadata["path"], artifacts.write_content_addressed)
+    except base_models.BaseModelError as error:
+        raise dg.Failure(description=str(error)) from error
+    scratch = model.kind == base_models.SCRATCH_KIND
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(version),
+        data_version=dg.DataVersion(model.version),
         metadata={
-            "version": version,
-            "path": dg.MetadataValue.path(path),
+            "version": model.version,
+            "path": dg.MetadataValue.path(model.path),
             "source": config.source,
-            "kind": base_models.SCRATCH_KIND if config.source == SCRATCH else base_models.PRETRAINED_KIND,
-            "chat_template": base_models.has_chat_template(path),
-            "tokenizer_trained_on": dataset["version"] if config.source == SCRATCH else "-",
-            "tokenizer_template": config.tokenizer_template if config.source == SCRATCH else "-",
-            **description,
+            "kind": model.kind,
+            "chat_template": base_models.has_chat_template(model.path),
+            "tokenizer_trained_on": dataset.version if scratch else "-",
+            "tokenizer_template": config.tokenizer_template if scratch else "-",
+            **base_models.describe(model.path),
         },
     )

@@ -2,21 +2,18 @@
 
 import hashlib
 import json
-import time
 from dataclasses import asdict
 
 import dagster as dg
 from pydantic import Field
 
 from assets.feedback import feedback_table
-from llmops_dagster.dataset import dataset_store, embeddings
+from llmops_dagster.dataset import dataset_store, embeddings, validated
 from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.formats import FORMATS, ColumnMapping, FormatError
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_examples, snapshot_source
-from llmops_dagster.dataset.validation import ValidationRules, data_version, validate_examples
-from llmops_dagster.feedback import curation
+from llmops_dagster.dataset.validation import ValidationRules, data_version
 from llmops_dagster.lineage import stage_definition, upstream_metadata
-from llmops_dagster.prompts.rendering import embedding_text
 from llmops_dagster.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -148,66 +145,54 @@ def validated_dataset(
     """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
     raw = upstream_metadata(context, raw_examples)
     engine = database.engine()
-    snapshot = load_examples(raw["snapshot_path"], raw.get("format", "auto"),
-                             ColumnMapping(**raw.get("columns", {})))
-    corrections = curation.correction_examples(engine, max_rows=config.max_feedback_rows)
-    frame = dataset_store.with_feedback_examples(snapshot, corrections)
-    report = validate_examples(frame, config.rules())
-    budget = dataset_store.feedback_budget(report, len(snapshot), config.max_feedback_quarantined_share)
-    # Quarantine keeps every rejected row, feedback included, whatever the budget says.
-    in_quarantine = dataset_store.save_quarantine(
-        engine, report, raw["input_hash"], raw["source"], context.run_id, raw_rows=len(snapshot)
-    )
+    examples = validated.gather_examples(engine, raw, config.max_feedback_rows)
+    outcome = validated.validate_and_quarantine(engine, examples, config.rules(), raw, context.run_id,
+                                                config.max_feedback_quarantined_share)
+    report, budget = outcome.report, outcome.budget
     if not budget.within:
         context.log.warning(budget.message())
-        frame = snapshot
-        report = validate_examples(frame, config.rules())
     context.log.info(f"progress: {report.rows_input} rows validated: {report.rows_accepted} accepted, "
                      f"{report.rows_quarantined} quarantined")
     version = data_version(report.accepted)
     folder = artifacts.write_version(
         "datasets", version, lambda d: dataset_store.write_accepted(d, report.accepted)
     )
-    dataset_store.record_dataset_version(
-        engine, version, raw["input_hash"], raw["source"], folder, report
-    )
-    check = dataset_store.quarantine_check(report, config.max_quarantined_share, raw_rows=len(snapshot))
+    dataset_store.record_dataset_version(engine, version, raw["input_hash"], raw["source"], folder, report)
+    check = dataset_store.quarantine_check(report, config.max_quarantined_share,
+                                           raw_rows=len(examples.snapshot))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=QUARANTINE_CHECK,
-                passed=check.passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                description=check.message,
-                metadata={"quarantined_share": report.quarantined_share,
-                          "threshold": config.max_quarantined_share},
-            ),
-            dg.AssetCheckResult(
-                check_name=FEEDBACK_CHECK, passed=budget.within,
-                severity=dg.AssetCheckSeverity.WARN, description=budget.message(),
-                metadata={"feedback_rows": budget.rows, "quarantined": budget.quarantined,
-                          "budget": budget.max_share},
-            ),
-        ],
+        check_results=_check_results(check, outcome, config.max_quarantined_share),
         metadata={
             "version": version,
             "path": dg.MetadataValue.path(str(folder)),
             "input_hash": raw["input_hash"],
-            "rows_input": report.rows_input,
-            "rows_from_feedback": len(frame) - len(snapshot),
-            "feedback_examples_offered": budget.rows,
-            "feedback_quarantined": budget.quarantined,
-            "rows_accepted": report.rows_accepted,
-            "rows_quarantined": report.rows_quarantined,
-            "rows_in_quarantine_table": in_quarantine,
-            "reconciles": report.rows_input == report.rows_accepted + report.rows_quarantined,
-            "quarantined_share": round(report.quarantined_share, 4),
-            "dagster/row_count": report.rows_accepted,
+            **outcome.counts(),
             "checks": dg.MetadataValue.md(dataset_store.checks_markdown(report)),
             "quarantine": dg.MetadataValue.md(dataset_store.quarantine_summary(report)),
         },
     )
+
+
+def _check_results(check: dataset_store.QuarantineCheck, outcome: validated.Validation,
+                   threshold: float) -> list[dg.AssetCheckResult]:
+    """The blocking quarantine gate and the feedback budget's warning, as check results."""
+    report, budget = outcome.report, outcome.budget
+    return [
+        dg.AssetCheckResult(
+            check_name=QUARANTINE_CHECK,
+            passed=check.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=check.message,
+            metadata={"quarantined_share": report.quarantined_share, "threshold": threshold},
+        ),
+        dg.AssetCheckResult(
+            check_name=FEEDBACK_CHECK, passed=budget.within,
+            severity=dg.AssetCheckSeverity.WARN, description=budget.message(),
+            metadata={"feedback_rows": budget.rows, "quarantined": budget.quarantined,
+                      "budget": budget.max_share},
+        ),
+    ]
 
 
 @dg.asset(**stage_definition("dataset"), deps=[validated_dataset], kinds={"pgvector"})
@@ -218,17 +203,11 @@ def dataset_embeddings(
 ) -> dg.MaterializeResult:
     """Embeddings of the training prompts in pgvector (HNSW), the reference set for drift."""
     dataset = upstream_metadata(context, validated_dataset)
-    accepted = dataset_store.read_accepted(dataset["path"])
-    train = accepted[accepted["split"] == "train"]
+    train = embeddings.training_prompts(dataset_store.read_accepted(dataset["path"]))
     engine = database.engine()
     before = embeddings.stored_rows(engine, dataset["version"])
     # Prompts an earlier version embedded with this model keep their vectors (a retrain adds a
     # few feedback rows to the same prompts); only the others go through the model.
-    # What is embedded for each example: the user's message (rendering.embedding_text, as the
-    # drift sensor embeds each served request).
-    contexts = train["context"] if "context" in train else [None] * len(train)
-    train = train.assign(_embedded=[embedding_text(p, c) for p, c in zip(train["prompt"], contexts,
-                                                                         strict=True)])
     stored = embeddings.reuse_embeddings(engine, dataset["version"], embedder.identity(),
                                          train["_row_number"].tolist(), train["_embedded"].tolist())
     reused = len(stored) - before
@@ -237,13 +216,8 @@ def dataset_embeddings(
     if len(missing):
         context.log.info(f"progress: embedding {len(missing)} of {len(train)} training prompts "
                          f"({before} stored already, {reused} reused from earlier versions)")
-        started = time.perf_counter()
-        vectors = embedder.embed(missing["_embedded"].tolist())
-        embedding_s = time.perf_counter() - started
-        embeddings.store_embeddings(
-            engine, dataset["version"], missing["_row_number"].tolist(), missing["_embedded"].tolist(),
-            vectors, embedder.identity(),
-        )
+        embedding_s = embeddings.embed_and_store(engine, dataset["version"], missing, embedder.embed,
+                                                 embedder.identity())
     after = embeddings.stored_rows(engine, dataset["version"])
     context.log.info(f"progress: {after} rows embedded ({after - before} new: {reused} reused, "
                      f"{len(missing)} computed in {embedding_s:.1f} s)")

@@ -31,40 +31,26 @@ class PromptSetConfig(dg.Config):
 
 
 @dg.asset(**stage_definition("prompts"), deps=[validated_dataset, base_model], kinds={"jinja"})
-def prompt_set(
-    context: dg.AssetExecutionContext,
-    config: PromptSetConfig,
-    database: PostgresResource,
-    artifacts: ArtifactStore,
-) -> dg.MaterializeResult:
+def prompt_set(context: dg.AssetExecutionContext, config: PromptSetConfig, database: PostgresResource,
+               artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Train and eval records: the validated dataset's conversations rendered by the base model's
     chat template or a versioned prompt template."""
-    from transformers import AutoTokenizer
-
     dataset = upstream_metadata(context, validated_dataset)
     base = upstream_metadata(context, base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base["path"])
     try:
-        template = templates.load_template(Path(config.prompts_dir or PROMPTS_DIR), config.template)
-        renderer = rendering.choose_renderer(config.rendering, tokenizer, template)
-        records = templates.render_records(renderer, dataset_store.read_accepted(dataset["path"]),
-                                           tokenizer)
+        renderer, records = templates.render_prompt_set(
+            config.rendering, Path(config.prompts_dir or PROMPTS_DIR), config.template, base["path"],
+            dataset_store.read_accepted(dataset["path"]))
     except rendering.RenderingError as error:
         raise dg.Failure(description=str(error)) from error
-    learned = base.get("tokenizer_template", "-")
-    if learned not in ("-", renderer.name):
-        context.log.warning(f"the scratch base model's tokenizer learned template {learned!r}, the "
-                            f"prompts are rendered by {renderer.name!r}: set "
-                            "base_model.tokenizer_template to it, or prompts may be cut at seq_len")
+    if mismatch := templates.learned_template_mismatch(base.get("tokenizer_template", "-"), renderer):
+        context.log.warning(mismatch)
     version = templates.prompt_set_version(renderer, dataset["version"])
-    folder = artifacts.write_version(
-        "prompt_sets", version, lambda d: templates.write_prompt_set(d, records, renderer)
-    )
-    counts = records["split"].value_counts()
-    templates.record_prompt_set_version(
-        database.engine(), version, dataset["version"], renderer, folder,
-        int(counts.get("train", 0)), int(counts.get("eval", 0)),
-    )
+    folder = artifacts.write_version("prompt_sets", version,
+                                     lambda d: templates.write_prompt_set(d, records, renderer))
+    train_rows, eval_rows = templates.split_rows(records)
+    templates.record_prompt_set_version(database.engine(), version, dataset["version"], renderer,
+                                        folder, train_rows, eval_rows)
     sample = records.head(3)[["prompt", "completion", "split"]]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
@@ -77,8 +63,8 @@ def prompt_set(
             "template_sha": renderer.sha,
             "template_text": dg.MetadataValue.md(f"```jinja\n{renderer.text}\n```"),
             "path": dg.MetadataValue.path(str(folder)),
-            "train_rows": int(counts.get("train", 0)),
-            "eval_rows": int(counts.get("eval", 0)),
+            "train_rows": train_rows,
+            "eval_rows": eval_rows,
             "sample": dg.MetadataValue.md(sample.to_markdown(index=False)),
         },
     )

@@ -2,10 +2,8 @@
 
 import os
 from dataclasses import asdict
-from pathlib import Path
 
 import dagster as dg
-import sqlalchemy as sa
 from pydantic import Field
 
 from assets.governance import approved_model
@@ -14,7 +12,7 @@ from llmops_dagster.database import redacted
 from llmops_dagster.governance import registry
 from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
 from llmops_dagster.loop import signals
-from llmops_dagster.prompts.rendering import load_renderer
+from llmops_dagster.prompts import templates
 from llmops_dagster.serving import credentials
 from llmops_dagster.serving.admission import AdmissionSettings
 from llmops_dagster.serving.app import ServingConfig
@@ -23,6 +21,11 @@ from resources.database import PostgresResource
 from resources.serving import RayServeResource
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+ENDPOINTS = ("| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
+             "| GET | /v1/reviews (reviewer key) |\n| POST | /v1/reviews/{id} (reviewer key) |\n"
+             "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |")
+# The least value of each batching setting a replica accepts (batching.BusyBatcher refuses less).
+BATCHING_MINIMUMS = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
 
 
 class ServingDeploymentConfig(dg.Config):
@@ -55,11 +58,15 @@ class ServingDeploymentConfig(dg.Config):
         return AdmissionSettings(**{f.name: getattr(self, f.name) for f in fields(AdmissionSettings)})
 
     def check(self, http_host: str, on_cluster: bool = False) -> None:
-        """Refuse settings that would expose the model: an open /v1/generate off loopback, a
-        rate limit the `limits` library cannot read, or an admission limit out of its bounds; and
-        on a cluster, a database URL file that only this machine has."""
+        """Refuse settings that would expose the model or fail the deploy: an open /v1/generate
+        off loopback, a rate limit the `limits` library cannot read, a batching or admission
+        setting out of its bounds; and on a cluster, a database URL file that only this machine has."""
         from limits import parse
 
+        for name, least in BATCHING_MINIMUMS.items():
+            if getattr(self, name) < least:
+                raise dg.Failure(f"serving_deployment.{name} must be at least {least}, "
+                                 f"got {getattr(self, name)!r}")
         try:
             self.admission()
         except ValueError as error:
@@ -79,6 +86,19 @@ class ServingDeploymentConfig(dg.Config):
                 raise dg.Failure(f"serving_deployment.{name} {getattr(self, name)!r} is not a rate "
                                  "such as '120/minute'") from None
 
+    def summary(self) -> dict:
+        """The deployment's settings as metadata entries a person reads."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "generate": "API key required" if self.generate_requires_key else "open (loopback)",
+            "rate_limits": f"generate {self.generate_rate_limit}, feedback "
+                           f"{self.feedback_rate_limit} per key and per address",
+            "admission": f"bodies up to {self.max_body_bytes} bytes within {self.body_timeout_s:g} s; "
+                         f"in flight at most {self.max_concurrent_per_address} per address without "
+                         f"a key, {self.max_concurrent_per_key} per key; X-Forwarded-For from "
+                         f"{self.trusted_proxies or 'no proxy'}",
+        }
+
 
 def serving_config(engine, version: registry.ModelVersion, database_url: str,
                    config: ServingDeploymentConfig) -> ServingConfig:
@@ -91,11 +111,7 @@ def serving_config(engine, version: registry.ModelVersion, database_url: str,
 def _serving_config(engine, version: registry.ModelVersion, database_url_file: str, database_name: str,
                     config: ServingDeploymentConfig) -> ServingConfig:
     """What a replica needs for `version`: its merged model and how its prompts were rendered."""
-    with engine.connect() as connection:
-        prompt_set = connection.execute(
-            sa.text("SELECT path, template_name FROM prompt_set_versions WHERE version = :v"),
-            {"v": version.prompt_set_version}).one()
-    renderer = load_renderer(Path(prompt_set.path), prompt_set.template_name)
+    renderer = templates.recorded_renderer(engine, version.prompt_set_version)
     return ServingConfig(
         model_version=version.version,
         model_path=version.merged_model_path,
@@ -124,14 +140,7 @@ def serving_deployment(
     """The production model served over HTTP (Ray Serve, batched) with request and feedback logs."""
     config.check(ray_serve.http_host, on_cluster=bool(os.environ.get(ray_serve.address_env_var, "").strip()))
     engine = database.engine()
-    if config.rollback_from:
-        restored = registry.rollback(engine, actor=signals.GUARD, expected=config.rollback_from,
-                                     reason=config.rollback_reason or "rollback run")
-        context.log.info(f"registry: {restored.version} is production (rollback from "
-                         f"{config.rollback_from} requested)")
-    version = registry.production(engine)
-    if version is None:
-        raise dg.Failure("no model version is in production: materialize approved_model first")
+    version = _version_to_serve(context, engine, config)
     credentials.signing_secret(engine)  # made here: the replicas' role may only read it
     # The replicas connect as the serving role: log answers and ratings, nothing else.
     wanted = ray_serve.with_replicas(serving_config(engine, version, database.serving_url(), config))
@@ -153,17 +162,21 @@ def serving_deployment(
             "model_version": version.version,
             "change": "no change (already served)" if unchanged else "deployed",
             "replicas": ray_serve.replicas,
-            "max_batch_size": config.max_batch_size,
-            "generate": "API key required" if config.generate_requires_key else "open (loopback)",
-            "rate_limits": f"generate {config.generate_rate_limit}, feedback "
-                           f"{config.feedback_rate_limit} per key and per address",
-            "admission": f"bodies up to {config.max_body_bytes} bytes within {config.body_timeout_s:g} s; "
-                         f"in flight at most {config.max_concurrent_per_address} per address without "
-                         f"a key, {config.max_concurrent_per_key} per key; X-Forwarded-For from "
-                         f"{config.trusted_proxies or 'no proxy'}",
-            "endpoints": dg.MetadataValue.md(
-                "| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
-                "| GET | /v1/reviews (reviewer key) |\n| POST | /v1/reviews/{id} (reviewer key) |\n"
-                "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |"),
+            **config.summary(),
+            "endpoints": dg.MetadataValue.md(ENDPOINTS),
         },
     )
+
+
+def _version_to_serve(context: dg.AssetExecutionContext, engine,
+                      config: ServingDeploymentConfig) -> registry.ModelVersion:
+    """The registry's production version, after the rollback a `rollback` run asks for."""
+    if config.rollback_from:
+        restored = registry.rollback(engine, actor=signals.GUARD, expected=config.rollback_from,
+                                     reason=config.rollback_reason or "rollback run")
+        context.log.info(f"registry: {restored.version} is production (rollback from "
+                         f"{config.rollback_from} requested)")
+    version = registry.production(engine)
+    if version is None:
+        raise dg.Failure("no model version is in production: materialize approved_model first")
+    return version

@@ -314,12 +314,9 @@ def _sample_traffic(url: str, model_version: str) -> str | None:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    engine = _database().engine()
-    with engine.connect() as connection:
-        rows = connection.execute(
-            sa.text("SELECT source, row_number, reasons FROM quarantine_rows "
-                    "ORDER BY quarantined_at DESC, row_number LIMIT :n"), {"n": args.n}
-        ).all()
+    from llmops_dagster.dataset import dataset_store
+
+    rows = dataset_store.newest_quarantined(_database().engine(), args.n)
     for source, row_number, reasons in rows:
         print(f"{source} row {row_number}: {'; '.join(reasons)}")
     if not rows:

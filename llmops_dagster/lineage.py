@@ -10,6 +10,7 @@ registry id (eval report), so the registry's lineage columns name upstream mater
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from urllib.parse import quote
@@ -22,6 +23,44 @@ DATA_VERSION_TAG = "dagster/data_version"
 # a model is usually among the newest, and 1000 covers months of nightly retrains.
 SEARCH_LIMIT = 1000
 SEARCH_PAGE = 50
+
+
+@dataclass(frozen=True)
+class UpstreamProduct:
+    """The product of an upstream asset that an asset builds on: its data version, where that
+    version was taken from, and the metadata of the materialization that made it."""
+
+    asset: str
+    version: str
+    source: str
+    metadata: dict
+
+
+def upstream_product(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
+                     ) -> UpstreamProduct:
+    """The product of `asset` this asset builds on: the one this run materialized when the run
+    includes `asset` (so two concurrent runs never mix products), else the version Dagster records
+    as `asset`'s current data version (logged, with the run that made it); a dg.Failure naming
+    `asset` when there is neither."""
+    key = asset if isinstance(asset, dg.AssetKey) else asset.key
+    name = key.to_user_string()
+    materialization = _materialized_in_run(context, key)
+    source = f"materialized in this run ({context.run_id[:8]})"
+    if materialization is None:
+        event = context.instance.get_latest_materialization_event(key)
+        materialization = event.asset_materialization if event is not None else None
+        if event is not None:
+            source = f"Dagster's current data version of {name} (run {event.run_id[:8]})"
+    version = materialization.tags.get(DATA_VERSION_TAG) if materialization is not None else None
+    if materialization is None or version is None:
+        raise dg.Failure(
+            f"{name} has no data version to build on: it was not materialized in this run and has "
+            f"never been materialized; materialize it first (or select it in the same run)"
+        )
+    if not source.startswith("materialized in this run"):
+        context.log.info(f"{name} was not materialized in this run: using {version}, {source}")
+    metadata = {entry: value.value for entry, value in materialization.metadata.items()}
+    return UpstreamProduct(asset=name, version=version, source=source, metadata=metadata)
 
 
 def upstream_metadata(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
@@ -121,13 +160,10 @@ def lineage_metadata(instance: dg.DagsterInstance, versions: dict[str, str]) -> 
 
 def model_lineage_versions(engine, model) -> dict[str, str]:
     """Data versions of every product behind a registered model version, from the registry and the
-    dataset table: the served answer's whole chain back to the raw snapshot."""
-    import sqlalchemy as sa
+    dataset table (dataset_store): the served answer's whole chain back to the raw snapshot."""
+    from llmops_dagster.dataset import dataset_store
 
-    with engine.connect() as connection:
-        input_hash = connection.execute(
-            sa.text("SELECT input_hash FROM dataset_versions WHERE version = :v"),
-            {"v": model.dataset_version}).scalar()
+    input_hash = dataset_store.input_hash_of(engine, model.dataset_version)
     versions = {"approved_model": model.version, "finetuned_checkpoint": model.version}
     if model.eval_report_id is not None:
         versions["eval_report"] = eval_report_version(model.eval_report_id)

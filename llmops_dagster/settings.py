@@ -33,10 +33,14 @@ def dagster_home() -> Path:
     return Path(os.environ.get("DAGSTER_HOME") or llmops_home() / "dagster_home").resolve()
 
 
+BOUNDS = ("gt", "ge", "lt", "le")  # dataclass field metadata that becomes pydantic Field bounds
+
+
 def declared(declaration: type, name: str):
-    """The config field for setting `name` of the dataclass `declaration`, with the default and the
-    description (`metadata["help"]`) declared there: each setting is declared once, in the library,
-    and the Dagster config, the training script's run file and the serving config derive from it."""
+    """The config field for setting `name` of the dataclass `declaration`, with the default, the
+    description (`metadata["help"]`) and the bounds (`metadata["ge"]` etc.) declared there: each
+    setting is declared once, in the library, and the Dagster config, the training script's run
+    file and the serving config derive from it."""
     import dataclasses
 
     from pydantic import Field
@@ -45,9 +49,28 @@ def declared(declaration: type, name: str):
     if name not in fields or "help" not in fields[name].metadata:
         raise KeyError(f"{declaration.__name__}.{name} is not a declared setting (a field with help)")
     field = fields[name]
+    bounds = {bound: field.metadata[bound] for bound in BOUNDS if bound in field.metadata}
     if field.default_factory is not dataclasses.MISSING:
-        return Field(default_factory=field.default_factory, description=field.metadata["help"])
-    return Field(default=field.default, description=field.metadata["help"])
+        return Field(default_factory=field.default_factory, description=field.metadata["help"], **bounds)
+    return Field(default=field.default, description=field.metadata["help"], **bounds)
+
+
+def declared_default(declaration: type, name: str):
+    """The default of setting `name` of the dataclass `declaration` (for a setting of another
+    component that follows it)."""
+    import dataclasses
+
+    field = {f.name: f for f in dataclasses.fields(declaration)}[name]
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def copy_into(config, declaration: type, **values):
+    """An instance of the dataclass `declaration` with each of its fields taken by name from
+    `config` (a dg.Config or any object with those attributes); `values` replace or add fields."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(declaration) if f.init and f.name not in values]
+    return declaration(**{name: getattr(config, name) for name in names}, **values)
 
 
 # Settings the operator owns: what the platform executes or where it connects (the trainer's

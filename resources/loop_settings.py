@@ -3,6 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
+from llmops_dagster.settings import declared_default
+from llmops_dagster.training.plan import WarmStartSettings
+
 
 class LoopSettings(dg.ConfigurableResource):
     feedback_threshold: int = Field(default=20, description="New negative ratings on the production "
@@ -26,8 +29,9 @@ class LoopSettings(dg.ConfigurableResource):
     # schedule trains from a fresh init at the asset's defaults.
     retrain_warm_start: bool = Field(default=True, description="Sensor-triggered retrains start "
                                      "from the production model's adapter (finetuned_checkpoint.warm_start).")
-    retrain_steps: int = Field(default=200, description="Optimizer steps of a sensor-triggered "
-                               "warm-started retrain (finetuned_checkpoint.warm_start_steps).")
+    retrain_steps: int = Field(default=declared_default(WarmStartSettings, "warm_start_steps"), ge=1,
+                               description="Optimizer steps of a sensor-triggered warm-started "
+                               "retrain (finetuned_checkpoint.warm_start_steps).")
     max_requests_per_decision: int = Field(
         default=3, ge=1, description="Times a sensor requests one decision (a feedback or drift "
         "window) whose runs were all lost to failures outside them (a dead run worker), counting "
@@ -36,7 +40,7 @@ class LoopSettings(dg.ConfigurableResource):
     def retrain_run_config(self) -> dict:
         """The run config of a sensor's retrain: a warm start for retrain_steps, checkpointed every
         quarter of them (a retry after a dead run worker loses at most a quarter), or {} (the
-        asset's defaults: 800 steps, a checkpoint every 200)."""
+        asset's defaults: FinetuneSettings.max_steps and checkpoint_every)."""
         if not self.retrain_warm_start:
             return {}
         return {"ops": {"finetuned_checkpoint": {"config": {

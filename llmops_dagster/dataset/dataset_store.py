@@ -1,5 +1,6 @@
 """Persisting a validation outcome: quarantined rows and the dataset version in PostgreSQL,
-accepted rows as Parquet in the version's folder."""
+accepted rows as Parquet in the version's folder. Owns dataset_versions and quarantine_rows: every
+SQL statement on them is here."""
 
 from __future__ import annotations
 
@@ -127,6 +128,44 @@ def record_dataset_version(engine: sa.Engine, version: str, input_hash: str, sou
                 "rows_quarantined": report.rows_quarantined,
             },
         )
+
+
+def version_paths(connection: sa.Connection) -> list[str]:
+    """The folder of every recorded dataset version."""
+    return connection.execute(sa.text("SELECT path FROM dataset_versions")).scalars().all()
+
+
+def dataset_version_row(connection: sa.Connection, version: str) -> dict | None:
+    """What the table records of dataset `version` (source, input hash, path, row counts), or None."""
+    row = connection.execute(
+        sa.text("SELECT version, source, input_hash, path, rows_input, rows_accepted, "
+                "rows_quarantined FROM dataset_versions WHERE version = :v"), {"v": version}
+    ).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def input_hash_of(engine: sa.Engine, version: str) -> str | None:
+    """The raw snapshot's input hash behind dataset `version` (None: not recorded)."""
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT input_hash FROM dataset_versions WHERE version = :v"),
+            {"v": version}).scalar()
+
+
+def newest_quarantined(engine: sa.Engine, limit: int) -> list:
+    """The newest `limit` quarantined rows: (source, row_number, reasons) each."""
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT source, row_number, reasons FROM quarantine_rows "
+                    "ORDER BY quarantined_at DESC, row_number LIMIT :n"), {"n": limit}
+        ).all()
+
+
+def delete_feedback_quarantine(connection: sa.Connection, feedback_ids: list[int]) -> int:
+    """Delete the quarantined copies of feedback examples `feedback_ids`; how many."""
+    return connection.execute(
+        sa.text("DELETE FROM quarantine_rows WHERE input_hash = :source AND row_number = ANY(:ids)"),
+        {"source": FEEDBACK_SOURCE, "ids": feedback_ids}).rowcount
 
 
 def quarantine_summary(report: ValidationReport, limit: int = 10) -> str:

@@ -1,17 +1,44 @@
-"""The drift reference set: embeddings of a dataset version's training prompts in pgvector."""
+"""The drift reference set: embeddings of a dataset version's training prompts in pgvector. Owns
+dataset_embeddings: every SQL statement on it is here."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector  # noqa: F401  (registers the vector type with SQLAlchemy)
+
+from llmops_dagster.prompts.rendering import embedding_text
 
 
 def vector_literal(vector) -> str:
     """A vector as pgvector's text form, '[x,y,...]' (7 significant digits: float32 precision)."""
     return "[" + ",".join(f"{x:.7g}" for x in vector) + "]"
+
+
+def training_prompts(accepted: pd.DataFrame) -> pd.DataFrame:
+    """The training split of a dataset version's accepted rows, with `_embedded`: what is embedded
+    for each example, the user's message (rendering.embedding_text, as the drift sensor embeds
+    each served request)."""
+    train = accepted[accepted["split"] == "train"]
+    contexts = train["context"] if "context" in train else [None] * len(train)
+    return train.assign(_embedded=[embedding_text(p, c) for p, c in zip(train["prompt"], contexts,
+                                                                        strict=True)])
+
+
+def embed_and_store(engine: sa.Engine, dataset_version: str, rows: pd.DataFrame,
+                    embed: Callable[[list[str]], np.ndarray], embedder: str) -> float:
+    """Embed `rows` (training_prompts) with `embed` and store the vectors; the model's own time (s)."""
+    started = time.perf_counter()
+    vectors = embed(rows["_embedded"].tolist())
+    embedding_s = time.perf_counter() - started
+    store_embeddings(engine, dataset_version, rows["_row_number"].tolist(), rows["_embedded"].tolist(),
+                     vectors, embedder)
+    return embedding_s
 
 
 def stored_rows(engine: sa.Engine, dataset_version: str) -> int:
@@ -66,6 +93,14 @@ def store_embeddings(engine: sa.Engine, dataset_version: str, row_numbers: list[
     with engine.begin() as connection:
         result = connection.execute(statement, rows)
     return result.rowcount if result.rowcount >= 0 else len(rows)
+
+
+def delete_rows(connection: sa.Connection, dataset_version: str, row_numbers: list[int]) -> int:
+    """Delete the embeddings of some rows of a dataset version (a purge); how many."""
+    return connection.execute(
+        sa.text("DELETE FROM dataset_embeddings WHERE dataset_version = :v "
+                "AND row_number = ANY(:rows)"),
+        {"v": dataset_version, "rows": row_numbers}).rowcount
 
 
 def reference_embeddings(engine: sa.Engine, dataset_version: str, limit: int) -> np.ndarray:

@@ -28,6 +28,25 @@ FEEDBACK_SLICE = "feedback_slice"  # key of the feedback slice inside the stored
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How much of the eval split is scored and how, declared once: eval_report's config and
+    `evaluate` take their defaults and descriptions from here."""
+
+    max_examples: int = field(default=120, metadata={
+        "help": "Trusted eval records scored (the first N without a feedback_id): the split the "
+        "policy gates on."})
+    max_feedback_examples: int = field(default=200, metadata={
+        "help": "Feedback-derived eval records scored as their own slice (the first N with a "
+        "feedback_id)."})
+    max_new_tokens: int = field(default=48, metadata={"help": "Longest generated answer (tokens)."})
+    batch_size: int = field(default=16, metadata={
+        "ge": 1, "help": "Records answered together (greedy, left-padded: the same answers as one "
+        "at a time, in a fraction of the time)."})
+    bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples of the paired bootstrap."})
+    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap."})
+
+
 def normalize_answer(text: str) -> str:
     return " ".join(text.lower().split())
 
@@ -185,6 +204,22 @@ class EvalReport:
     def feedback_examples(self) -> int:
         return len(self.feedback_scores["candidate"].per_example) if self.feedback_scores else 0
 
+    def generation_s(self) -> float:
+        """Seconds every model spent generating, on both parts of the split."""
+        return sum(s.generation_s for s in [*self.scores.values(), *self.feedback_scores.values()])
+
+    def progress_lines(self) -> list[str]:
+        """One line a model: examples scored, token F1 on the trusted split, generation time."""
+        lines = []
+        for role, scores in self.scores.items():
+            feedback = self.feedback_scores.get(role)
+            lines.append(
+                f"progress: {role}: {len(scores.per_example)} examples scored"
+                + (f" + {len(feedback.per_example)} feedback" if feedback else "")
+                + f", token F1 {scores.per_example['token_f1'].mean():.4f}, generation "
+                f"{scores.generation_s + (feedback.generation_s if feedback else 0.0):.1f} s")
+        return lines
+
     def stored_comparison(self) -> dict:
         """The comparison column: the trusted bootstrap's keys ({} without a champion), and under
         FEEDBACK_SLICE the slice's examples, metrics by role and bootstrap (None without a champion
@@ -205,7 +240,8 @@ def read_comparison(stored: dict) -> tuple[dict | None, dict]:
 
 def evaluate(models: dict[str, str], eval_file: str | Path, max_examples: int, max_new_tokens: int,
              seq_len: int, bootstrap_samples: int, seed: int,
-             max_feedback_examples: int = 200, batch_size: int = 16) -> EvalReport:
+             max_feedback_examples: int = EvalSettings.max_feedback_examples,
+             batch_size: int = EvalSettings.batch_size) -> EvalReport:
     """Score every model (role -> folder) on the same trusted records and, when the eval split has
     any, the same feedback-derived records; compare candidate to champion on each."""
     records, feedback = load_eval_records(eval_file, max_examples, max_feedback_examples)
@@ -299,3 +335,47 @@ def slices_plot_markdown(slices: dict) -> str:
     axis.set_xlim(0, 1)
     axis.set_title("Token F1 per slice")
     return figure_markdown(axis.figure, "token F1 per slice")
+
+
+def difference_text(comparison: dict | None, missing: str) -> str:
+    """Candidate minus champion token F1 with its bootstrap 95% CI, or why there is none."""
+    if comparison is None:
+        return missing
+    return (f"{comparison['mean_difference']:+.4f} "
+            f"(95% CI {comparison['ci_low']:+.4f} .. {comparison['ci_high']:+.4f})")
+
+
+# Entries of `report_summary` that are markdown (tables, a plot).
+MARKDOWN_ENTRIES = ("metrics", "feedback_slice_metrics", "token_f1_per_slice", "exact_match_per_slice",
+                    "plot")
+
+
+def report_summary(report: EvalReport, batch_size: int) -> dict:
+    """The report's headline numbers, texts and markdown (MARKDOWN_ENTRIES), in the order a reader
+    takes them in: the candidate on the trusted split, against the champion, then the feedback
+    slice, then per slice."""
+    metrics, slices = report.metrics(), report.slices()
+    feedback_metrics = report.feedback_metrics()
+    return {
+        "examples": metrics["candidate"]["examples"],
+        "generation_s": round(report.generation_s(), 2),
+        "generation_batch_size": batch_size,
+        "candidate_token_f1": metrics["candidate"]["token_f1"],
+        "candidate_exact_match": metrics["candidate"]["exact_match"],
+        # The average can hide a slice the model gets wrong: its weakest slice beside it.
+        "candidate_lowest_slice": lowest_slice_text(slices.get("candidate")),
+        "candidate_loss": metrics["candidate"]["loss"],
+        "token_f1_vs_champion": difference_text(report.comparison, "no champion"),
+        "metrics": metrics_markdown(metrics),
+        "feedback_slice_examples": report.feedback_examples(),
+        "feedback_slice_token_f1": (feedback_metrics["candidate"]["token_f1"]
+                                    if feedback_metrics else "no feedback examples"),
+        "feedback_token_f1_vs_champion": difference_text(
+            report.feedback_comparison,
+            "no champion" if feedback_metrics else "no feedback examples"),
+        "feedback_slice_metrics": (metrics_markdown(feedback_metrics) if feedback_metrics
+                                   else "No feedback-derived examples in the eval split."),
+        "token_f1_per_slice": slices_markdown(slices),
+        "exact_match_per_slice": slices_markdown(slices, "exact_match"),
+        "plot": slices_plot_markdown(slices),
+    }

@@ -14,6 +14,9 @@ say what was cut, when, by whom and why (never the text). A model version cannot
 learned: each one trained on a redacted version, or warm-started from an adapter that was, is
 flagged in the registry (model_versions.purged_feedback), and so is one registered later from such
 a version (registry_register).
+
+Owns artifact_redactions. The statements on the other tables a purge reaches are their owners':
+dataset_store.py, embeddings.py, templates.py, registry.py and traffic_log.py.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from llmops_dagster.dataset import dataset_store
+from llmops_dagster.dataset import dataset_store, embeddings
 from llmops_dagster.governance import registry
+from llmops_dagster.prompts import templates
 from llmops_dagster.prompts.templates import SPLIT_FILES, read_records
+from llmops_dagster.serving import traffic_log
 
 REDACTIONS_FILE = "redactions.json"
 FEEDBACK_SOURCE = dataset_store.FEEDBACK_SOURCE
@@ -80,28 +85,24 @@ def redact(connection: sa.Connection, feedback_ids: list[int], *, actor: str, re
     ids = {int(i) for i in feedback_ids}
     outcome = Outcome()
     by_dataset: dict[str, set[int]] = {}
-    for folder in _version_folders(connection, "dataset_versions"):
+    for folder in _version_folders(dataset_store.version_paths(connection)):
         cut = dataset_store.redact_accepted(folder, ids)
         if len(cut):
             hit = sorted({int(i) for i in cut["feedback_id"]})
             by_dataset[folder.name] = set(hit)
             outcome.redactions.append(Redaction(DATASETS, folder.name,
                                                 str(folder / dataset_store.ACCEPTED_FILE), hit, len(cut)))
-            outcome.embeddings += connection.execute(
-                sa.text("DELETE FROM dataset_embeddings WHERE dataset_version = :v "
-                        "AND row_number = ANY(:rows)"),
-                {"v": folder.name, "rows": [int(n) for n in cut["_row_number"]]}).rowcount
+            outcome.embeddings += embeddings.delete_rows(connection, folder.name,
+                                                         [int(n) for n in cut["_row_number"]])
     by_prompt_set: dict[str, set[int]] = {}
-    for folder in _version_folders(connection, "prompt_set_versions"):
+    for folder in _version_folders(templates.version_paths(connection)):
         for file_name in SPLIT_FILES.values():
             hit, removed = _redact_records(folder / file_name, ids)
             if removed:
                 by_prompt_set.setdefault(folder.name, set()).update(hit)
                 outcome.redactions.append(Redaction(PROMPT_SETS, folder.name, str(folder / file_name),
                                                     sorted(hit), removed))
-    outcome.quarantine_rows = connection.execute(
-        sa.text("DELETE FROM quarantine_rows WHERE input_hash = :source AND row_number = ANY(:ids)"),
-        {"source": FEEDBACK_SOURCE, "ids": sorted(ids)}).rowcount
+    outcome.quarantine_rows = dataset_store.delete_feedback_quarantine(connection, sorted(ids))
     _record(connection, outcome.redactions, actor, reason)
     outcome.flagged = _trained_on(connection, by_dataset, by_prompt_set)
     registry.flag_purged_feedback(connection, outcome.flagged)
@@ -116,9 +117,7 @@ def redact_purged(connection: sa.Connection, version: str, folder: Path) -> list
     if "feedback_id" not in accepted:
         return []
     ids = sorted({int(i) for i in accepted["feedback_id"].dropna()})
-    gone = connection.execute(sa.text(
-        "SELECT i FROM unnest(CAST(:ids AS bigint[])) AS i WHERE NOT EXISTS "
-        "(SELECT 1 FROM feedback f WHERE f.id = i) ORDER BY i"), {"ids": ids}).scalars().all() if ids else []
+    gone = traffic_log.missing_feedback(connection, ids) if ids else []
     if gone:
         cut = dataset_store.redact_accepted(folder, set(gone))
         _record(connection, [Redaction(DATASETS, version, str(Path(folder) / dataset_store.ACCEPTED_FILE),
@@ -127,10 +126,10 @@ def redact_purged(connection: sa.Connection, version: str, folder: Path) -> list
     return list(gone)
 
 
-def _version_folders(connection: sa.Connection, table: str) -> list[Path]:
-    """Every version folder of a kind: those the version table records, and their siblings (a
-    version written but never recorded, e.g. by a run that failed after writing it)."""
-    recorded = {Path(p) for p in connection.execute(sa.text(f"SELECT path FROM {table}")).scalars()}
+def _version_folders(paths: list[str]) -> list[Path]:
+    """Every version folder of a kind: those its version table records (`paths`), and their
+    siblings (a version written but never recorded, e.g. by a run that failed after writing it)."""
+    recorded = {Path(p) for p in paths}
     folders = set(recorded)
     for parent in {p.parent for p in recorded}:
         if parent.is_dir():
@@ -183,9 +182,7 @@ def _trained_on(connection: sa.Connection, by_dataset: dict[str, set[int]],
                 by_prompt_set: dict[str, set[int]]) -> dict[str, list[int]]:
     """model version -> the purged ids it was trained on: from its dataset or prompt set, or from
     the adapter it was warm-started from (train_config.init_adapter), to any depth."""
-    versions = connection.execute(sa.text(
-        "SELECT version, dataset_version, prompt_set_version, adapter_path, "
-        "train_config ->> 'init_adapter' AS init_adapter FROM model_versions")).mappings().all()
+    versions = registry.training_inputs(connection)
     hits = {v["version"]: by_dataset.get(v["dataset_version"], set())
             | by_prompt_set.get(v["prompt_set_version"], set()) for v in versions}
     changed = True

@@ -13,6 +13,9 @@ write the audit row with it; neither role may update a review by itself (migrati
 A purge also reaches the files made from the purged rows (redaction.py): their examples are cut
 from every dataset and prompt-set version that holds them, and each model version trained on them
 is flagged in the registry.
+
+The statements on feedback, request_log and feedback_audit_log are traffic_log.py's (their owner);
+this module decides what to do and calls them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from llmops_dagster.feedback import redaction
+from llmops_dagster.serving import traffic_log
 
 DECISIONS = {"accept": "accepted", "reject": "rejected"}
 KEY_ACTOR = "key:"  # how an API key's identity starts (credentials.ApiKey.identity)
@@ -55,26 +59,11 @@ def initial_review(rating: int, correction: str | None, trusted_reviewer: str | 
     return InitialReview("pending")
 
 
-def record_initial_acceptance(connection, feedback_id: int, review: InitialReview) -> None:
-    """The audit row of a correction accepted as it arrived (same transaction as its insert)."""
-    if review.state == "accepted":
-        connection.execute(
-            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason) "
-                    "VALUES (:id, 'accepted', :actor, :reason)"),
-            {"id": feedback_id, "actor": review.reviewed_by, "reason": review.note})
-
-
 def pending(engine: sa.Engine, limit: int = 50) -> pd.DataFrame:
     """Corrections waiting for review, with the question and the answer they correct: those whose
     rating counted (sent with a credential) first, then the rest, oldest first within each, so
     that a flood of uncredentialed corrections cannot bury the ones from known raters."""
-    with engine.connect() as connection:
-        return pd.read_sql_query(
-            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, r.model_version, "
-                    "r.prompt, r.response AS answer, f.correction, f.comment, f.rater, f.counted, "
-                    "f.created_at FROM feedback f JOIN request_log r USING (response_id) "
-                    "WHERE f.review_state = 'pending' ORDER BY f.counted DESC, f.id LIMIT :limit"),
-            connection, params={"limit": limit})
+    return traffic_log.pending_corrections(engine, limit)
 
 
 @dataclass(frozen=True)
@@ -97,10 +86,9 @@ def decide(engine: sa.Engine, feedback_id: int, decision: str, actor: str, note:
     function = "review_decide_as_key" if by_key else "review_decide_as_person"
     with engine.begin() as connection:
         try:
-            decided_at = connection.execute(
-                sa.text(f"SELECT {function}(:id, :state, :who, :note)"),
-                {"id": feedback_id, "state": state, "note": note,
-                 "who": actor.removeprefix(KEY_ACTOR) if by_key else actor}).scalar()
+            decided_at = traffic_log.decide_review(
+                connection, function, feedback_id, state,
+                actor.removeprefix(KEY_ACTOR) if by_key else actor, note)
         except sa.exc.DBAPIError as error:
             message = str(error.orig).splitlines()[0]
             if (getattr(error.orig, "pgcode", None) == INSUFFICIENT_PRIVILEGE
@@ -108,8 +96,7 @@ def decide(engine: sa.Engine, feedback_id: int, decision: str, actor: str, note:
                 raise ReviewError(message) from None
             raise
         if decided_at is None:
-            current = connection.execute(sa.text("SELECT review_state FROM feedback WHERE id = :id"),
-                                         {"id": feedback_id}).first()
+            current = traffic_log.review_state(connection, feedback_id)
             if current is None:
                 raise ReviewError(f"feedback {feedback_id} does not exist (or was purged)")
             raise ReviewError(f"feedback {feedback_id} is not pending review (state: "
@@ -118,10 +105,7 @@ def decide(engine: sa.Engine, feedback_id: int, decision: str, actor: str, note:
 
 
 def audit_trail(engine: sa.Engine, feedback_id: int) -> list[dict]:
-    with engine.connect() as connection:
-        return [dict(r) for r in connection.execute(
-            sa.text("SELECT action, actor, reason, details, at FROM feedback_audit_log "
-                    "WHERE feedback_id = :id ORDER BY id"), {"id": feedback_id}).mappings()]
+    return traffic_log.audit_trail(engine, feedback_id)
 
 
 @dataclass(frozen=True)
@@ -134,27 +118,11 @@ class PurgeFilter:
     until: datetime | None = None  # created before
     answered_until: datetime | None = None  # ratings of answers logged before this time
 
-    def where(self) -> tuple[str, dict]:
-        clauses, params = [], {}
-        if self.answered_until is not None:
-            clauses.append("f.response_id IN (SELECT response_id FROM request_log "
-                           "WHERE created_at < :answered_until)")
-            params["answered_until"] = self.answered_until
-        if self.ids:
-            clauses.append("f.id = ANY(:ids)")
-            params["ids"] = list(self.ids)
-        if self.key_name is not None:
-            clauses.append("f.api_key_id = (SELECT id FROM api_keys WHERE name = :key)")
-            params["key"] = self.key_name
-        if self.since is not None:
-            clauses.append("f.created_at >= :since")
-            params["since"] = self.since
-        if self.until is not None:
-            clauses.append("f.created_at < :until")
-            params["until"] = self.until
-        if not clauses:
+    def check(self) -> None:
+        """Refuse a filter that would match every row."""
+        if (self.answered_until is None and not self.ids and self.key_name is None
+                and self.since is None and self.until is None):
             raise ReviewError("a purge needs at least one filter: ids, key, or a time range")
-        return " AND ".join(clauses), params
 
 
 class PurgeResult(list[int]):
@@ -185,20 +153,15 @@ def purge(engine: sa.Engine, which: PurgeFilter, actor: str, reason: str) -> Pur
     every artifact file that holds them and the model versions trained on them are flagged
     (redaction.redact, in this transaction: a redaction that fails leaves the rows in place, to be
     purged again)."""
-    where, params = which.where()
+    which.check()
     with engine.begin() as connection:
-        ids = connection.execute(sa.text(f"SELECT f.id FROM feedback f WHERE {where} ORDER BY f.id "
-                                         "FOR UPDATE"), params).scalars().all()
+        ids = traffic_log.lock_for_purge(connection, which)
         if not ids:
             return PurgeResult()
         outcome = redaction.redact(connection, ids, actor=actor, reason=reason)
-        rows = connection.execute(
-            sa.text("DELETE FROM feedback f WHERE f.id = ANY(:ids) RETURNING f.id, f.response_id::text "
-                    "AS response_id, f.rater, f.api_key_id, f.rating, f.review_state, f.created_at"),
-            {"ids": list(ids)}).mappings().all()
-        connection.execute(
-            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason, details) "
-                    "VALUES (:id, 'purged', :actor, :reason, CAST(:details AS jsonb))"),
+        rows = traffic_log.delete_feedback(connection, ids)
+        traffic_log.record_purges(
+            connection,
             [{"id": r["id"], "actor": actor, "reason": reason, "details": json.dumps(
                 {"response_id": r["response_id"], "rater": r["rater"], "api_key_id": r["api_key_id"],
                  "rating": r["rating"], "review_state": r["review_state"],
@@ -211,10 +174,7 @@ def expire(engine: sa.Engine, retention_days: int, now: datetime | None = None) 
     """Purge feedback older than `retention_days` (0: keep forever), as actor 'retention'."""
     if retention_days <= 0:
         return PurgeResult()
-    with engine.connect() as connection:
-        cutoff = connection.execute(
-            sa.text("SELECT coalesce(CAST(:now AS timestamptz), now()) - make_interval(days => :days)"),
-            {"now": now, "days": retention_days}).scalar_one()
+    cutoff = traffic_log.feedback_cutoff(engine, retention_days, now)
     return purge(engine, PurgeFilter(until=cutoff), actor="retention",
                  reason=f"older than the {retention_days}-day retention (feedback_table.retention_days)")
 
@@ -224,19 +184,14 @@ def purge_answers(engine: sa.Engine, until: datetime, actor: str, reason: str) -
     rating of them (purged as `purge` does, with audit records, redactions and flags). Returns
     (answers deleted, ratings purged). A trace of a deleted answer then says it is not found."""
     ratings = purge(engine, PurgeFilter(answered_until=until), actor=actor, reason=reason)
-    with engine.begin() as connection:
-        answers = connection.execute(sa.text("DELETE FROM request_log WHERE created_at < :until"),
-                                     {"until": until}).rowcount
-    return answers, ratings
+    return traffic_log.delete_answers(engine, until), ratings
 
 
 def expire_answers(engine: sa.Engine, retention_days: int) -> tuple[int, PurgeResult]:
     """purge_answers of everything older than `retention_days` (0: keep forever), as 'retention'."""
     if retention_days <= 0:
         return 0, PurgeResult()
-    with engine.connect() as connection:
-        cutoff = connection.execute(sa.text("SELECT now() - make_interval(days => :days)"),
-                                    {"days": retention_days}).scalar_one()
+    cutoff = traffic_log.answer_cutoff(engine, retention_days)
     return purge_answers(engine, cutoff, actor="retention",
                          reason=f"answer older than the {retention_days}-day retention "
                                 "(feedback_table.answer_retention_days)")

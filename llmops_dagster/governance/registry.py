@@ -10,6 +10,8 @@ each on the state the previous one committed, and the audit log's order is the o
 A version is registered and changes stage only through the database functions registry_register and
 registry_move (migration 0009), which write the audit row in the same transaction: the platform's
 role may not insert a version or an audit row, nor update a stage, by itself.
+
+Owns model_versions and model_audit_log: every SQL statement on them is here.
 """
 
 from __future__ import annotations
@@ -161,6 +163,25 @@ def register_candidate(
             },
         )
         return _get(connection, version)
+
+
+def lineage_row(connection: sa.Connection, version: str) -> dict | None:
+    """The fields of `version` a trace shows (stage, approver, paths, the versions it was made
+    from, its eval report), or None when it is not registered."""
+    row = connection.execute(
+        sa.text("SELECT version, stage, approver, checkpoint_path, adapter_path, "
+                "merged_model_path, prompt_set_version, dataset_version, base_model_version, "
+                "eval_report_id FROM model_versions WHERE version = :v"), {"v": version}
+    ).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def training_inputs(connection: sa.Connection) -> list:
+    """Every version's dataset, prompt set, adapter and the adapter it was warm-started from
+    (train_config.init_adapter), for what a purge reaches."""
+    return connection.execute(sa.text(
+        "SELECT version, dataset_version, prompt_set_version, adapter_path, "
+        "train_config ->> 'init_adapter' AS init_adapter FROM model_versions")).mappings().all()
 
 
 def get(engine: sa.Engine, version: str) -> ModelVersion:

@@ -1,11 +1,14 @@
 """Lineage of a served answer: response -> model version -> checkpoint -> prompt set -> dataset ->
-the source rows it was trained on."""
+the source rows it was trained on. Each link is read through the module that owns its table
+(traffic_log, registry, templates, dataset_store): no SQL here."""
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-from llmops_dagster.dataset.dataset_store import read_accepted
+from llmops_dagster.dataset import dataset_store
+from llmops_dagster.governance import registry
+from llmops_dagster.prompts import templates
 from llmops_dagster.serving import traffic_log
 
 
@@ -13,11 +16,10 @@ class TraceError(LookupError):
     """A link of the chain is missing; the message names it."""
 
 
-def _one(connection, sql: str, what: str, **params) -> dict:
-    row = connection.execute(sa.text(sql), params).mappings().first()
+def _found(row: dict | None, what: str) -> dict:
     if row is None:
         raise TraceError(f"{what} not found")
-    return dict(row)
+    return row
 
 
 def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
@@ -26,18 +28,13 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
     if response is None:
         raise TraceError(f"response {response_id!r} not found")
     with engine.connect() as connection:
-        model = _one(connection, "SELECT version, stage, approver, checkpoint_path, adapter_path, "
-                     "merged_model_path, prompt_set_version, dataset_version, base_model_version, "
-                     "eval_report_id FROM model_versions WHERE version = :v",
-                     f"model version {response['model_version']!r} in the registry",
-                     v=response["model_version"])
-        prompt_set = _one(connection, "SELECT version, template_name, template_sha, path, train_rows, "
-                          "eval_rows FROM prompt_set_versions WHERE version = :v",
-                          f"prompt set {model['prompt_set_version']!r}", v=model["prompt_set_version"])
-        dataset = _one(connection, "SELECT version, source, input_hash, path, rows_input, rows_accepted, "
-                       "rows_quarantined FROM dataset_versions WHERE version = :v",
-                       f"dataset {model['dataset_version']!r}", v=model["dataset_version"])
-    rows = read_accepted(dataset["path"])
+        model = _found(registry.lineage_row(connection, response["model_version"]),
+                       f"model version {response['model_version']!r} in the registry")
+        prompt_set = _found(templates.prompt_set_version_row(connection, model["prompt_set_version"]),
+                            f"prompt set {model['prompt_set_version']!r}")
+        dataset = _found(dataset_store.dataset_version_row(connection, model["dataset_version"]),
+                         f"dataset {model['dataset_version']!r}")
+    rows = dataset_store.read_accepted(dataset["path"])
     train = rows[rows["split"] == "train"]
     feedback_ids = (sorted(int(i) for i in train["feedback_id"].dropna()) if "feedback_id" in train
                     else [])
@@ -64,12 +61,7 @@ def corrections_behind(engine: sa.Engine, feedback_ids: list[int]) -> list[dict]
     record keeps who purged it and why)."""
     if not feedback_ids:
         return []
-    with engine.connect() as connection:
-        found = {r["feedback_id"]: dict(r) for r in connection.execute(
-            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, f.rater, "
-                    "k.name AS api_key, f.review_state, f.reviewed_by, f.reviewed_at FROM feedback f "
-                    "LEFT JOIN api_keys k ON k.id = f.api_key_id WHERE f.id = ANY(:ids)"),
-            {"ids": feedback_ids}).mappings()}
+    found = traffic_log.correction_reviews(engine, feedback_ids)
     return [found.get(i, {"feedback_id": i, "response_id": None, "rater": None, "api_key": None,
                           "review_state": "purged", "reviewed_by": None, "reviewed_at": None})
             for i in feedback_ids]

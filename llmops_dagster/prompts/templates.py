@@ -3,6 +3,8 @@ model's chat template or a Jinja file in `prompts/` (rendering.py).
 
 A prompt set's version is the hash of the renderer (its kind and text) and the dataset version, so
 changing either gives a new version and rendering the same pair again gives the same one.
+
+Owns prompt_set_versions: every SQL statement on it is here.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import re
 from pathlib import Path
 
 import pandas as pd
+import sqlalchemy as sa
 
 from llmops_dagster.prompts.rendering import (
     TEMPLATE,
     PromptRenderer,
     RenderingError,
+    choose_renderer,
+    load_renderer,
     render_prompt,
 )
 
@@ -95,6 +100,35 @@ def render_records(renderer: PromptRenderer, accepted: pd.DataFrame, tokenizer=N
     )
 
 
+def render_prompt_set(mode: str, prompts_dir: Path, template_name: str, base_model_path: str,
+                      accepted: pd.DataFrame) -> tuple[PromptRenderer, pd.DataFrame]:
+    """The renderer `mode` chooses (rendering.choose_renderer) between the base model's chat
+    template and template `template_name`, and the records of a dataset version's `accepted`
+    rows rendered by it; RenderingError names what does not render."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+    template = load_template(prompts_dir, template_name)
+    renderer = choose_renderer(mode, tokenizer, template)
+    return renderer, render_records(renderer, accepted, tokenizer)
+
+
+def learned_template_mismatch(learned: str, renderer: PromptRenderer) -> str | None:
+    """The warning when a scratch base model's tokenizer learned another template than the one
+    the prompts are rendered by (`learned` "-": not a scratch tokenizer), else None."""
+    if learned in ("-", renderer.name):
+        return None
+    return (f"the scratch base model's tokenizer learned template {learned!r}, the "
+            f"prompts are rendered by {renderer.name!r}: set "
+            "base_model.tokenizer_template to it, or prompts may be cut at seq_len")
+
+
+def split_rows(records: pd.DataFrame) -> tuple[int, int]:
+    """(train records, eval records) of a prompt set."""
+    counts = records["split"].value_counts()
+    return int(counts.get("train", 0)), int(counts.get("eval", 0))
+
+
 def write_prompt_set(folder: Path, records: pd.DataFrame, renderer: PromptRenderer) -> None:
     """train.jsonl and eval.jsonl (JSON lines, read with `read_records`), the renderer and its
     template text (<name>.jinja, for people to read)."""
@@ -111,8 +145,6 @@ def record_prompt_set_version(engine, version: str, dataset_version: str,
                               template: PromptRenderer, path: Path, train_rows: int,
                               eval_rows: int) -> None:
     """Register the prompt set in PostgreSQL (lineage: prompt set -> dataset version)."""
-    import sqlalchemy as sa
-
     with engine.begin() as connection:
         connection.execute(
             sa.text(
@@ -125,6 +157,30 @@ def record_prompt_set_version(engine, version: str, dataset_version: str,
              "template_name": template.name, "template_sha": template.sha, "path": str(path),
              "train_rows": train_rows, "eval_rows": eval_rows},
         )
+
+
+def version_paths(connection: sa.Connection) -> list[str]:
+    """The folder of every recorded prompt-set version."""
+    return connection.execute(sa.text("SELECT path FROM prompt_set_versions")).scalars().all()
+
+
+def prompt_set_version_row(connection: sa.Connection, version: str) -> dict | None:
+    """What the table records of prompt set `version` (template, path, row counts), or None."""
+    row = connection.execute(
+        sa.text("SELECT version, template_name, template_sha, path, train_rows, "
+                "eval_rows FROM prompt_set_versions WHERE version = :v"), {"v": version}
+    ).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def recorded_renderer(engine: sa.Engine, version: str) -> PromptRenderer:
+    """How prompt set `version` was rendered (what the model it trained expects); NoResultFound
+    when the version is not recorded."""
+    with engine.connect() as connection:
+        prompt_set = connection.execute(
+            sa.text("SELECT path, template_name FROM prompt_set_versions WHERE version = :v"),
+            {"v": version}).one()
+    return load_renderer(Path(prompt_set.path), prompt_set.template_name)
 
 
 def read_records(path: Path) -> list[dict]:

@@ -1,17 +1,24 @@
-"""The production log: every SQL statement on request_log and feedback, the two tables the serving
-app writes (one row an answer, one row a rating) and the loop reads (sensors, curation, trace)."""
+"""The production log. Owns request_log, feedback, feedback_audit_log and curated_feedback: every
+SQL statement on them is here. The serving app writes answers (request_log) and ratings (feedback,
+with the audit row of a correction accepted as it arrives); the loop reads them (sensors, curation,
+trace); review.py decides and purges through the functions below. api_keys belongs to
+credentials.py; statements here only join it, read-only, for the name of a rating's key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from llmops_dagster.feedback.review import InitialReview, record_initial_acceptance
 from llmops_dagster.serving.credentials import ApiKey, RatingCredential
+
+if TYPE_CHECKING:  # review.py calls this module for its statements
+    from llmops_dagster.feedback.review import InitialReview, PurgeFilter
 
 # The columns /v1/generate writes, by their names in the rows handed to log_requests.
 _REQUEST_LOG = sa.table(
@@ -92,9 +99,18 @@ def store_feedback(engine: sa.Engine, rating: Rating) -> dict:
                                                 f"before (feedback {first} is the one that counts)")
             feedback_id = connection.execute(sa.text(insert + " RETURNING id"), values).scalar_one()
             status = "duplicate"
-        record_initial_acceptance(connection, feedback_id, rating.review)
+        _record_initial_acceptance(connection, feedback_id, rating.review)
     return {"feedback_id": feedback_id, "status": status, "counted": status == "counted",
             "reason": values["reason"], "review": rating.review.state}
+
+
+def _record_initial_acceptance(connection: sa.Connection, feedback_id: int, review: InitialReview) -> None:
+    """The audit row of a correction accepted as it arrived (same transaction as its insert)."""
+    if review.state == "accepted":
+        connection.execute(
+            sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason) "
+                    "VALUES (:id, 'accepted', :actor, :reason)"),
+            {"id": feedback_id, "actor": review.reviewed_by, "reason": review.note})
 
 
 def served_response(engine: sa.Engine, response_id: str) -> dict | None:
@@ -225,3 +241,173 @@ def uncurated_feedback(engine: sa.Engine, limit: int) -> pd.DataFrame:
             connection,
             params={"limit": limit},
         )
+
+
+def pending_corrections(engine: sa.Engine, limit: int) -> pd.DataFrame:
+    """Corrections waiting for review with the question and answer they correct: counted ratings
+    first, then the rest, oldest first within each (review.pending)."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, r.model_version, "
+                    "r.prompt, r.response AS answer, f.correction, f.comment, f.rater, f.counted, "
+                    "f.created_at FROM feedback f JOIN request_log r USING (response_id) "
+                    "WHERE f.review_state = 'pending' ORDER BY f.counted DESC, f.id LIMIT :limit"),
+            connection, params={"limit": limit})
+
+
+def decide_review(connection: sa.Connection, function: str, feedback_id: int, state: str, who: str,
+                  note: str):
+    """Call review function `function` (review_decide_as_key or review_decide_as_person, which
+    writes the audit row); its decision time, None when the row is not pending."""
+    if function not in ("review_decide_as_key", "review_decide_as_person"):
+        raise ValueError(f"{function!r} is not a review function")
+    return connection.execute(sa.text(f"SELECT {function}(:id, :state, :who, :note)"),
+                              {"id": feedback_id, "state": state, "note": note, "who": who}).scalar()
+
+
+def review_state(connection: sa.Connection, feedback_id: int):
+    """The row (review_state) of feedback `feedback_id`, None when it does not exist."""
+    return connection.execute(sa.text("SELECT review_state FROM feedback WHERE id = :id"),
+                              {"id": feedback_id}).first()
+
+
+def audit_trail(engine: sa.Engine, feedback_id: int) -> list[dict]:
+    """The audit rows of feedback `feedback_id`, oldest first."""
+    with engine.connect() as connection:
+        return [dict(r) for r in connection.execute(
+            sa.text("SELECT action, actor, reason, details, at FROM feedback_audit_log "
+                    "WHERE feedback_id = :id ORDER BY id"), {"id": feedback_id}).mappings()]
+
+
+def _purge_where(which: PurgeFilter) -> tuple[str, dict]:
+    """The WHERE clause (on feedback f) and parameters of a purge filter; all conditions hold."""
+    clauses, params = [], {}
+    if which.answered_until is not None:
+        clauses.append("f.response_id IN (SELECT response_id FROM request_log "
+                       "WHERE created_at < :answered_until)")
+        params["answered_until"] = which.answered_until
+    if which.ids:
+        clauses.append("f.id = ANY(:ids)")
+        params["ids"] = list(which.ids)
+    if which.key_name is not None:
+        clauses.append("f.api_key_id = (SELECT id FROM api_keys WHERE name = :key)")
+        params["key"] = which.key_name
+    if which.since is not None:
+        clauses.append("f.created_at >= :since")
+        params["since"] = which.since
+    if which.until is not None:
+        clauses.append("f.created_at < :until")
+        params["until"] = which.until
+    return " AND ".join(clauses), params
+
+
+def lock_for_purge(connection: sa.Connection, which: PurgeFilter) -> list[int]:
+    """The ids of the feedback rows `which` matches, locked until the transaction ends."""
+    where, params = _purge_where(which)
+    return connection.execute(sa.text(f"SELECT f.id FROM feedback f WHERE {where} ORDER BY f.id "
+                                      "FOR UPDATE"), params).scalars().all()
+
+
+def delete_feedback(connection: sa.Connection, ids: list[int]) -> list:
+    """Delete feedback rows; what each was (id, answer, rater, key, rating, review, time)."""
+    return connection.execute(
+        sa.text("DELETE FROM feedback f WHERE f.id = ANY(:ids) RETURNING f.id, f.response_id::text "
+                "AS response_id, f.rater, f.api_key_id, f.rating, f.review_state, f.created_at"),
+        {"ids": list(ids)}).mappings().all()
+
+
+def record_purges(connection: sa.Connection, records: list[dict]) -> None:
+    """The audit rows of purged feedback: {id, actor, reason, details (JSON text)} each."""
+    connection.execute(
+        sa.text("INSERT INTO feedback_audit_log (feedback_id, action, actor, reason, details) "
+                "VALUES (:id, 'purged', :actor, :reason, CAST(:details AS jsonb))"),
+        records)
+
+
+def feedback_cutoff(engine: sa.Engine, retention_days: int, now=None):
+    """The time `retention_days` before `now` (None: the database's now)."""
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.text("SELECT coalesce(CAST(:now AS timestamptz), now()) - make_interval(days => :days)"),
+            {"now": now, "days": retention_days}).scalar_one()
+
+
+def answer_cutoff(engine: sa.Engine, retention_days: int):
+    """The time `retention_days` before the database's now."""
+    with engine.connect() as connection:
+        return connection.execute(sa.text("SELECT now() - make_interval(days => :days)"),
+                                  {"days": retention_days}).scalar_one()
+
+
+def delete_answers(engine: sa.Engine, until) -> int:
+    """Delete the answers logged before `until`; how many."""
+    with engine.begin() as connection:
+        return connection.execute(sa.text("DELETE FROM request_log WHERE created_at < :until"),
+                                  {"until": until}).rowcount
+
+
+def missing_feedback(connection: sa.Connection, ids: list[int]) -> list[int]:
+    """The ids among `ids` that no feedback row has (purged), ascending."""
+    return connection.execute(sa.text(
+        "SELECT i FROM unnest(CAST(:ids AS bigint[])) AS i WHERE NOT EXISTS "
+        "(SELECT 1 FROM feedback f WHERE f.id = i) ORDER BY i"), {"ids": ids}).scalars().all()
+
+
+def correction_reviews(engine: sa.Engine, feedback_ids: list[int]) -> dict[int, dict]:
+    """feedback id -> its answer, rater, key name and review, for the rows that still exist."""
+    with engine.connect() as connection:
+        return {r["feedback_id"]: dict(r) for r in connection.execute(
+            sa.text("SELECT f.id AS feedback_id, f.response_id::text AS response_id, f.rater, "
+                    "k.name AS api_key, f.review_state, f.reviewed_by, f.reviewed_at FROM feedback f "
+                    "LEFT JOIN api_keys k ON k.id = f.api_key_id WHERE f.id = ANY(:ids)"),
+            {"ids": feedback_ids}).mappings()}
+
+
+def store_curated(engine: sa.Engine, records: list[dict]) -> None:
+    """Insert curated rows (curation.store_curated makes them); a row curated before is left alone."""
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO curated_feedback (feedback_id, response_id, model_version, prompt, answer, "
+                "label, correction, embedding) VALUES (:feedback_id, :response_id, :model_version, "
+                ":prompt, :answer, :label, :correction, CAST(:embedding AS vector)) "
+                "ON CONFLICT (feedback_id) DO NOTHING"
+            ),
+            records,
+        )
+
+
+def curated_counts(engine: sa.Engine) -> pd.DataFrame:
+    """Curated rows and corrections by model version and label."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT model_version, label, count(*) AS rows, count(correction) AS corrections "
+                    "FROM curated_feedback GROUP BY model_version, label ORDER BY model_version, label"),
+            connection,
+        )
+
+
+def accepted_corrections(engine: sa.Engine, max_rows: int | None) -> pd.DataFrame:
+    """Accepted corrections of down-votes with their provenance, oldest first, at most the newest
+    `max_rows` (curation.correction_examples)."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT * FROM (SELECT c.feedback_id, c.response_id::text AS response_id, "
+                    "c.model_version, c.prompt, c.correction AS response, r.context::text AS context, "
+                    "f.reviewed_by, k.name AS api_key FROM curated_feedback c "
+                    "JOIN feedback f ON f.id = c.feedback_id "
+                    "LEFT JOIN request_log r ON r.response_id = c.response_id "
+                    "LEFT JOIN api_keys k ON k.id = f.api_key_id "
+                    "WHERE c.correction IS NOT NULL AND c.label = 'negative' "
+                    "AND f.review_state = 'accepted' ORDER BY c.feedback_id DESC LIMIT :cap) newest "
+                    "ORDER BY feedback_id"),
+            connection, params={"cap": max_rows},
+        )
+
+
+def review_state_counts(engine: sa.Engine) -> list[tuple[str, int]]:
+    """(review state, corrections) for each state present."""
+    with engine.connect() as connection:
+        return connection.execute(sa.text(
+            "SELECT review_state, count(*) FROM feedback WHERE review_state IS NOT NULL "
+            "GROUP BY review_state")).all()

@@ -175,3 +175,45 @@ def module_names(source: str) -> set[str]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
+@dataclass(frozen=True)
+class BaseModelProduct:
+    """The base model a fine-tune starts from: its version, folder (or model id) and kind."""
+
+    version: str
+    path: str
+    kind: str
+
+
+def prepare_base_model(source: str, spec: ScratchModelSpec, tokenizer_template: str,
+                       dataset_path: str, write_content_addressed) -> BaseModelProduct:
+    """The base model `source` names: SCRATCH_KIND builds a small Llama from `spec` whose tokenizer
+    learns the dataset's accepted rows rendered by the prompts/ template `tokenizer_template`,
+    published by `write_content_addressed(kind, write)` (ArtifactStore's: version, folder);
+    otherwise the pretrained folder or id `source`, checked loadable. A BaseModelError names the
+    setting that cannot be used."""
+    if source == SCRATCH_KIND:
+        from llmops_dagster.dataset import dataset_store
+        from llmops_dagster.prompts import templates
+        from llmops_dagster.prompts.rendering import RenderingError
+        from llmops_dagster.settings import PROMPTS_DIR
+
+        # The tokenizer learns from the source's training rows only: feedback rows change with every
+        # retrain, and a base model (its vocabulary) that changed with them would make each retrain
+        # start over from a new random model, where it can continue from production's adapter.
+        try:
+            template = templates.load_template(PROMPTS_DIR, tokenizer_template)
+            texts = tokenizer_corpus(dataset_store.read_accepted(dataset_path), template)
+        except RenderingError as error:
+            raise BaseModelError(f"base_model.tokenizer_template: {error}") from error
+        version, folder = write_content_addressed(
+            "base_models", lambda d: build_scratch_model(texts, spec, d))
+        return BaseModelProduct(version=version, path=str(folder), kind=SCRATCH_KIND)
+    from llmops_dagster.training.launch import run_version
+
+    check_loadable(source)
+    # The folder's small files (config, tokenizer, chat template) and its weights' names and
+    # sizes: a model saved again over the same folder is a new version.
+    version = run_version({"source": source, "files": folder_fingerprint(source)})
+    return BaseModelProduct(version=version, path=source, kind=PRETRAINED_KIND)

@@ -22,8 +22,8 @@ from llmops_dagster.settings import (
     deployment_table,
 )
 from llmops_dagster.training.base_model import check_loadable, module_names
+from llmops_dagster.training.run_config import DEEPSPEED_CONFIGS_DIR
 
-DEEPSPEED_CONFIGS_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 

@@ -8,14 +8,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEEPSPEED_CONFIGS_DIR = Path(__file__).resolve().parent / "deepspeed_configs"
+DEFAULT_DEEPSPEED_CONFIG = "cpu_zero2"  # finetuned_checkpoint.deepspeed_config's default
 
+# The peak learning rate is declared in the DeepSpeed file (optimizer.params.lr), as DeepSpeed
+# takes it, so that a file chosen at launch (an operator's, or gpu_bf16_zero2 at 3e-4) brings the
+# rate it was tuned with; the scheduler's warmup_max_lr in the file is replaced by that lr
+# (launch.resolve_deepspeed_config). Help texts quote the default file's rate from it.
+DEFAULT_PEAK_LR = json.loads((DEEPSPEED_CONFIGS_DIR / f"{DEFAULT_DEEPSPEED_CONFIG}.json").read_text(
+))["optimizer"]["params"]["lr"]
+PRETRAINED_PEAK_LR = 1e-3
 
 # Settings a person leaves unset, by the base model's kind. The scratch model starts random: its
-# output layer is trained in full, at the DeepSpeed file's high peak rate (3e-3). A pretrained model
-# keeps its output layer, and a LoRA on it learns at a gentler 1e-3.
+# output layer is trained in full, at the DeepSpeed file's high peak rate (DEFAULT_PEAK_LR). A
+# pretrained model keeps its output layer, and a LoRA on it learns at a gentler PRETRAINED_PEAK_LR.
 DEFAULTS_BY_KIND = {
     "scratch": {"modules_to_save": ["lm_head"], "learning_rate": None},
-    "pretrained": {"modules_to_save": [], "learning_rate": 1e-3},
+    "pretrained": {"modules_to_save": [], "learning_rate": PRETRAINED_PEAK_LR},
 }
 
 
@@ -25,22 +34,27 @@ class FinetuneSettings:
     training script's run file both take their defaults and descriptions from here."""
 
     max_steps: int = field(default=800, metadata={
-        "help": "Optimizer steps. 800 at the default peak learning rate (3e-3) is where the default "
-        "model learns to copy order numbers from the question (exact match 0.89 at 600 steps)."})
-    checkpoint_every: int = field(default=200, metadata={"help": "Optimizer steps between checkpoints."})
+        "ge": 1, "help": f"Optimizer steps. 800 at the default peak learning rate ({DEFAULT_PEAK_LR:g}) is "
+        "where the default model learns to copy order numbers from the question (exact match 0.89 "
+        "at 600 steps)."})
+    # The ranks save when step % checkpoint_every == 0.
+    checkpoint_every: int = field(default=200, metadata={
+        "ge": 1, "help": "Optimizer steps between checkpoints."})
     seq_len: int = field(default=96, metadata={
-        "help": "Tokens per example after truncation (the start of a long prompt is dropped) and "
+        "ge": 1, "help": "Tokens per example after truncation (the start of a long prompt is dropped) and "
         "padding; the served model keeps the same prompt length."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path."})
+    lora_r: int = field(default=16, metadata={"ge": 1, "help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={
+        "ge": 1, "help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={
+        "ge": 0.0, "lt": 1.0, "help": "Dropout on the LoRA path."})
     target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS), metadata={
         "help": "Module names that get LoRA adapters."})
     modules_to_save: list[str] | None = field(default=None, metadata={
         "help": "Modules trained in full beside the adapters; unset: chosen by the base model's "
         "kind: the output layer for the scratch model (randomly initialized, its output layer must "
         "be learned), none for a pretrained one."})
-    seed: int = field(default=0, metadata={"help": "Seed of LoRA init and batch order."})
+    seed: int = field(default=0, metadata={"ge": 0, "help": "Seed of LoRA init and batch order."})
 
 
 @dataclass(kw_only=True)
@@ -56,6 +70,11 @@ class RunConfig(FinetuneSettings):
     # An adapter folder (a fine-tune of the same base model, same LoRA settings) the LoRA weights
     # start from: a retrain continues where production is. None: a fresh LoRA init.
     init_adapter: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunConfig:
+        """The run file at `path` (train_config.json, as write_run_config wrote it)."""
+        return cls(**json.loads(Path(path).read_text()))
 
     @property
     def micro_batch(self) -> int:

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="run file (JSON) written by the launcher")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    config = RunConfig(**json.loads(Path(args.config).read_text()))
+    config = RunConfig.read(args.config)
     train(config)
 
 
