@@ -5,8 +5,8 @@ import dagster as dg
 from pydantic import Field
 
 from assets.dataset import validated_dataset
-from llmops_dagster.lineage import stage_definition, upstream_product
-from llmops_dagster.settings import copy_into, declared
+from llmops_dagster.infra.lineage import stage_definition, upstream_product
+from llmops_dagster.infra.settings import copy_into, declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training.base_model import ScratchModelSpec
 from resources.artifacts import ArtifactStore

@@ -13,8 +13,8 @@ from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.formats import FORMATS, ColumnMapping, FormatError
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_examples, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version
-from llmops_dagster.lineage import stage_definition, upstream_metadata
-from llmops_dagster.settings import declared
+from llmops_dagster.infra.lineage import stage_definition, upstream_metadata
+from llmops_dagster.infra.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource

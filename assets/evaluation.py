@@ -6,8 +6,8 @@ from assets.training import finetune_record, finetuned_checkpoint
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.evaluation.contenders import Contenders, choose_contenders
 from llmops_dagster.governance import registry
-from llmops_dagster.lineage import eval_report_version, lineage_metadata, stage_definition
-from llmops_dagster.settings import declared
+from llmops_dagster.infra.lineage import eval_report_version, lineage_metadata, stage_definition
+from llmops_dagster.infra.settings import declared
 from llmops_dagster.training.plan import FinetuneRecord
 from resources.database import PostgresResource
 

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from llmops_dagster.feedback import curation, review
 from llmops_dagster.governance import registry
-from llmops_dagster.lineage import stage_definition
+from llmops_dagster.infra.lineage import stage_definition
 from llmops_dagster.loop import signals
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource

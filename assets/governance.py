@@ -8,14 +8,14 @@ from assets.training import finetune_record, finetuned_checkpoint
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import approval, policy
 from llmops_dagster.governance.approval import ApprovalRequest
-from llmops_dagster.lineage import (
+from llmops_dagster.infra.lineage import (
     failed_checks,
     lineage_metadata,
     model_lineage_versions,
     stage_definition,
     upstream_product,
 )
-from llmops_dagster.settings import copy_into, declared
+from llmops_dagster.infra.settings import copy_into, declared
 from resources.database import PostgresResource
 
 # Blocking checks upstream of a model; every one must have passed for it to be approved.

@@ -9,9 +9,9 @@ from pydantic import Field
 from assets.base_model import base_model
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
-from llmops_dagster.lineage import stage_definition, upstream_metadata
+from llmops_dagster.infra.lineage import stage_definition, upstream_metadata
+from llmops_dagster.infra.settings import PROMPTS_DIR
 from llmops_dagster.prompts import rendering, templates
-from llmops_dagster.settings import PROMPTS_DIR
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 

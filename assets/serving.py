@@ -7,16 +7,16 @@ import dagster as dg
 from pydantic import Field
 
 from assets.governance import approved_model
-from llmops_dagster import secrets
-from llmops_dagster.database import redacted
 from llmops_dagster.governance import registry
-from llmops_dagster.lineage import lineage_metadata, model_lineage_versions, stage_definition
+from llmops_dagster.infra import secrets
+from llmops_dagster.infra.database import redacted
+from llmops_dagster.infra.lineage import lineage_metadata, model_lineage_versions, stage_definition
+from llmops_dagster.infra.settings import declared
 from llmops_dagster.loop import signals
 from llmops_dagster.prompts import templates
 from llmops_dagster.serving import credentials
 from llmops_dagster.serving.admission import AdmissionSettings
 from llmops_dagster.serving.app import ServingConfig
-from llmops_dagster.settings import declared
 from resources.database import PostgresResource
 from resources.serving import RayServeResource
 

@@ -6,9 +6,9 @@ from pydantic import Field
 from assets.base_model import SCRATCH, BaseModelConfig, base_model  # noqa: F401 (the stage's assets)
 from assets.prompts import prompt_set
 from llmops_dagster.governance import registry
-from llmops_dagster.instance import TRAINER_POOL
-from llmops_dagster.lineage import lineage_metadata, stage_definition, upstream_product
-from llmops_dagster.settings import declared
+from llmops_dagster.infra.instance import TRAINER_POOL
+from llmops_dagster.infra.lineage import lineage_metadata, stage_definition, upstream_product
+from llmops_dagster.infra.settings import declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch, plan
 from llmops_dagster.training.plots import loss_curve_markdown

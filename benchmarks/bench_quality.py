@@ -92,7 +92,7 @@ def main() -> None:
                 other_root = {**resources, "artifacts": ArtifactStore(root=str(home / "artifacts-2"))}
                 again = train(instance, other_root, args.seeds[0], steps)
     finally:
-        from llmops_dagster import database
+        from llmops_dagster.infra import database
 
         database.stop_embedded_server(home / "pg")
 

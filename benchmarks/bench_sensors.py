@@ -71,8 +71,8 @@ def time_sensor(engine: sa.Engine, instance, cursor: str) -> float:
 def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="llmops-bench-"))
     os.environ["LLMOPS_HOME"] = str(home)
-    from llmops_dagster import database
     from llmops_dagster.governance import registry
+    from llmops_dagster.infra import database
     from resources.database import PostgresResource
 
     try:

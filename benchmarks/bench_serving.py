@@ -348,7 +348,7 @@ def main() -> None:
             swap_s = time.perf_counter() - swap_started
         unbatched, unbatched_cpu = throughput(client, args.throughput_requests)
     finally:
-        from llmops_dagster import database
+        from llmops_dagster.infra import database
 
         if ray_serve is not None:
             ray_serve.stop_local()

@@ -75,7 +75,7 @@ def main() -> None:
             bare.append(run_bare(output / "train_config.json", zero_stage=2))
         zero0 = run_bare(output / "train_config.json", zero_stage=0)
     finally:
-        from llmops_dagster import database
+        from llmops_dagster.infra import database
 
         database.stop_embedded_server(home / "pg")
     best_ours = max(ours, key=lambda r: r["tokens_per_s"])

@@ -56,7 +56,7 @@ def _ray_serve():
 
 
 def _prepare_instance_env() -> dict[str, str]:
-    from llmops_dagster.instance import prepare_dagster_home
+    from llmops_dagster.infra.instance import prepare_dagster_home
 
     env = prepare_dagster_home(_database())
     os.environ.update(env)
@@ -64,7 +64,7 @@ def _prepare_instance_env() -> dict[str, str]:
 
 
 def cmd_env(_: argparse.Namespace) -> int:
-    from llmops_dagster.database import redacted
+    from llmops_dagster.infra.database import redacted
 
     for name, value in _prepare_instance_env().items():
         if redacted(value) != value:  # a URL with a password (a server of your own): never printed
@@ -76,8 +76,8 @@ def cmd_env(_: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from llmops_dagster import database
-    from llmops_dagster.settings import llmops_home
+    from llmops_dagster.infra import database
+    from llmops_dagster.infra.settings import llmops_home
 
     resource = _database()
     if args.action == "stop":
@@ -113,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from llmops_dagster import ui
+    from llmops_dagster.infra import ui
 
     auth_proxy = args.behind_auth_proxy or os.environ.get(ui.AUTH_PROXY_ENV, "")
     try:  # before anything starts: the database, the webserver, the daemon
@@ -230,8 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         _prepare_instance_env()
         instance = dg.DagsterInstance.get()
-    from llmops_dagster import run_progress
-    from llmops_dagster.settings import llmops_home
+    from llmops_dagster.infra import run_progress
+    from llmops_dagster.infra.settings import llmops_home
 
     job = defs.resolve_job_def(args.job)
     run_id = str(uuid.uuid4())
@@ -530,7 +530,7 @@ def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
     import dagster as dg
 
     from llmops_dagster.governance.trace import trace_html
-    from llmops_dagster.lineage import materialization_links, model_lineage_versions
+    from llmops_dagster.infra.lineage import materialization_links, model_lineage_versions
 
     _prepare_instance_env()
     model = types.SimpleNamespace(**chain["model_version"])
@@ -790,7 +790,7 @@ def _redacted_text(text: str) -> str:
 def _connection_refusal(error: BaseException) -> str | None:
     """One line for a database that cannot be reached or refuses the login, naming the settings
     that chose it (passwords redacted); None for any other error."""
-    from llmops_dagster.database import redacted
+    from llmops_dagster.infra.database import redacted
 
     seen: BaseException | None = error
     while seen is not None:
@@ -817,7 +817,7 @@ def _log_unexpected(command: str) -> Path:
     text = _redacted_text(traceback.format_exc())
     name = f"llmops-{command}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}-"
     try:
-        from llmops_dagster.settings import llmops_home
+        from llmops_dagster.infra.settings import llmops_home
 
         folder = llmops_home() / "logs"
         folder.mkdir(parents=True, exist_ok=True)
@@ -833,9 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status 0 done, 2 a bad argument or setting (one line naming it), 1 anything else
     (one line and the log file holding its traceback). Bad arguments exit through SystemExit(2)."""
     args = build_parser().parse_args(argv)
-    from llmops_dagster.database import DatabaseConfigError
-    from llmops_dagster.embedded_auth import EmbeddedAuthError
-    from llmops_dagster.settings import SettingError
+    from llmops_dagster.infra.database import DatabaseConfigError
+    from llmops_dagster.infra.embedded_auth import EmbeddedAuthError
+    from llmops_dagster.infra.settings import SettingError
 
     try:
         return args.handler(args)

@@ -3,8 +3,8 @@
 import dagster as dg
 
 from assets import base_model, dataset, evaluation, feedback, governance, prompts, serving, training
+from llmops_dagster.infra.settings import port_from_env
 from llmops_dagster.serving import ray_cluster
-from llmops_dagster.settings import port_from_env
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource

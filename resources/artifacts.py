@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from llmops_dagster.dataset.sources import content_hash_of_path
-from llmops_dagster.settings import llmops_home
+from llmops_dagster.infra.settings import llmops_home
 
 LOCAL = "local"
 SHARED = "shared"

@@ -9,8 +9,8 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
-from llmops_dagster import database, database_roles
-from llmops_dagster.settings import llmops_home
+from llmops_dagster.infra import database, database_roles
+from llmops_dagster.infra.settings import llmops_home
 
 
 @cache

@@ -3,7 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
-from llmops_dagster.settings import declared_default
+from llmops_dagster.infra.settings import declared_default
 from llmops_dagster.training.plan import WarmStartSettings
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from llmops_dagster.infra.settings import llmops_home
 from llmops_dagster.serving import admission, ray_cluster
 from llmops_dagster.serving.app import REPLICA_CPUS, ServingConfig, build_app
-from llmops_dagster.settings import llmops_home
 
 APP_NAME = "llmops"
 

@@ -20,7 +20,7 @@ import dagster as dg
 import psutil
 from pydantic import Field
 
-from llmops_dagster.settings import SettingError
+from llmops_dagster.infra.settings import SettingError
 from llmops_dagster.training import launch
 from llmops_dagster.training.launch import LISTEN_FD_ENV, LOOPBACK
 

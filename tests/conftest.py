@@ -17,7 +17,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import database
+from llmops_dagster.infra import database
 
 # Not make run's 8000/6390: tests never touch a developer's served model. Overridable so that two
 # test sessions on one machine do not share a cluster.
@@ -77,7 +77,7 @@ def new_database(platform_db, name: str, template: str | None = None) -> dict[st
     """A new platform database `name` on the session's server (a copy of `template` when given),
     owned by the owner role as the embedded default's is; the environment naming it, one URL a
     role."""
-    from llmops_dagster.database_roles import APP, OWNER, SERVING
+    from llmops_dagster.infra.database_roles import APP, OWNER, SERVING
 
     if template is None:
         database.ensure_database(platform_db.admin_url(), name, owner=OWNER, extensions=("vector",))
@@ -116,7 +116,7 @@ def fresh_database(platform_db, monkeypatch):
 def dagster_database(platform_db, monkeypatch):
     """A Dagster storage database of this test's own, owned by the application role as the
     embedded default's is; LLMOPS_DAGSTER_DATABASE_URL names it."""
-    from llmops_dagster.database_roles import APP
+    from llmops_dagster.infra.database_roles import APP
 
     name = unique("dagster")
     database.ensure_database(platform_db.admin_url(), name, owner=APP)

@@ -102,8 +102,8 @@ def test_database_urls_are_printed_without_their_password(fresh_database, dagste
                                                          monkeypatch, capsys):
     """Every command, with the real password in each URL (as a server of your own would be
     configured): the password is in no line it prints, on stdout or stderr."""
-    from llmops_dagster import database, embedded_auth
-    from llmops_dagster.database_roles import APP, OWNER
+    from llmops_dagster.infra import database, embedded_auth
+    from llmops_dagster.infra.database_roles import APP, OWNER
 
     assert database.redacted("postgresql://app:S3cretPW@db.example:5432/llmops") == \
         "postgresql://app:***@db.example:5432/llmops"
@@ -201,7 +201,7 @@ def test_an_unexpected_error_is_one_line_with_the_log_holding_its_traceback(fres
                                                                              capsys):
     """A database whose application role lost its privilege on a table (a real server state, not an
     argument): exit status 1, one line, the traceback in a 0600 file under $LLMOPS_HOME/logs/."""
-    from llmops_dagster.settings import llmops_home
+    from llmops_dagster.infra.settings import llmops_home
 
     owner = sa.create_engine(os.environ["LLMOPS_DATABASE_OWNER_URL"])
     with owner.begin() as connection:

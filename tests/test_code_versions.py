@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llmops_dagster.lineage import REPO_ROOT, STAGES, stage_code_version, stage_sources
+from llmops_dagster.infra.lineage import REPO_ROOT, STAGES, stage_code_version, stage_sources
 
 SOURCE_FOLDERS = ("assets", "llmops_dagster", "prompts")
 

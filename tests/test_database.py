@@ -6,7 +6,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import database
+from llmops_dagster.infra import database
 from resources.database import PostgresResource
 
 

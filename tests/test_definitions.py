@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from llmops_dagster.definitions import defs
-from llmops_dagster.instance import prepare_dagster_home
+from llmops_dagster.infra.instance import prepare_dagster_home
 from llmops_dagster.training.launch import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ import pytest
 from assets.prompts import prompt_set
 from assets.training import base_model, finetuned_checkpoint
 from llmops_dagster.definitions import defs
-from llmops_dagster.settings import DEPLOYMENT_FILE_ENV, SettingError
+from llmops_dagster.infra.settings import DEPLOYMENT_FILE_ENV, SettingError
 from llmops_dagster.training import launch
 from llmops_dagster.training.launch import DEPLOYMENT_ENV, TrainingDeployment, training_deployment
 from resources.trainer import TrainerResource

@@ -18,8 +18,8 @@ import pytest
 import sqlalchemy as sa
 
 from assets.serving import ServingDeploymentConfig, serving_config
-from llmops_dagster import database
 from llmops_dagster.governance import registry
+from llmops_dagster.infra import database
 from tests.conftest import SERVED_TEMPLATE_DATABASE, UNLIMITED
 from tests.traffic import Traffic
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from llmops_dagster.instance import TRAINER_POOL
+from llmops_dagster.infra.instance import TRAINER_POOL
 
 RUNS = 4
 SMALL = {"ops": {"finetuned_checkpoint": {"config": {"max_steps": 20, "checkpoint_every": 10}}}}
@@ -47,7 +47,7 @@ def _finetune(environment: dict, artifacts: str, results) -> None:
 
 def test_a_trainer_pool_limit_a_person_set_is_kept(fresh_database, dagster_database, tmp_path,
                                                    monkeypatch):
-    from llmops_dagster.instance import prepare_dagster_home
+    from llmops_dagster.infra.instance import prepare_dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     environment = prepare_dagster_home(fresh_database)
@@ -82,7 +82,7 @@ def test_retrain_triggers_at_once_train_one_at_a_time(fresh_database, dagster_da
     from assets.dataset import raw_examples, validated_dataset
     from assets.prompts import prompt_set
     from assets.training import base_model
-    from llmops_dagster.instance import prepare_dagster_home
+    from llmops_dagster.infra.instance import prepare_dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     environment = prepare_dagster_home(fresh_database)

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from llmops_dagster.governance import registry
-from llmops_dagster.instance import prepare_dagster_home
+from llmops_dagster.infra.instance import prepare_dagster_home
 from llmops_dagster.serving import ray_cluster
 from resources.serving import RayServeResource
 from tests.test_listeners import assert_loopback_only, listeners, listing

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from llmops_dagster.dataset import dataset_store
 from llmops_dagster.feedback import curation, redaction, review
 from llmops_dagster.governance import registry
+from llmops_dagster.infra.settings import PROMPTS_DIR
 from llmops_dagster.prompts import templates
-from llmops_dagster.settings import PROMPTS_DIR
 
 SECRET = "Order Z77 goes to 12 Secret Lane, Springfield."
 KEPT = "Order K11 is cancelled."

@@ -32,8 +32,8 @@ import pytest
 import sqlalchemy as sa
 
 from assets.serving import serving_deployment
-from llmops_dagster import embedded_auth, secrets
-from llmops_dagster.database_roles import SERVING
+from llmops_dagster.infra import embedded_auth, secrets
+from llmops_dagster.infra.database_roles import SERVING
 from llmops_dagster.serving import ray_cluster
 from resources.database import PostgresResource
 from resources.serving import APP_NAME, RayServeResource

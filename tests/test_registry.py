@@ -8,8 +8,9 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import cli, database
+from llmops_dagster import cli
 from llmops_dagster.governance import registry
+from llmops_dagster.infra import database
 
 
 @pytest.fixture

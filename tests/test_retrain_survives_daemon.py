@@ -31,7 +31,7 @@ import pytest
 from llmops_dagster.dataset.synthetic_data import reference_answer
 from llmops_dagster.definitions import defs
 from llmops_dagster.governance import registry
-from llmops_dagster.instance import prepare_dagster_home
+from llmops_dagster.infra.instance import prepare_dagster_home
 from llmops_dagster.loop.runs import DECISION_TAG
 from llmops_dagster.serving import credentials
 from llmops_dagster.training import checkpoints

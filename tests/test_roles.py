@@ -13,7 +13,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import database, database_roles, embedded_auth
+from llmops_dagster.infra import database, database_roles, embedded_auth
 
 # What the replicas (the one public-facing process) must never do, whatever is injected into them.
 SERVING_REFUSED = [
@@ -205,7 +205,7 @@ def test_an_older_database_is_handed_to_the_owner_role(platform_db):
 
 
 def test_no_password_reaches_the_environment_dagster_gets(platform_db, tmp_path, monkeypatch):
-    from llmops_dagster.instance import prepare_dagster_home
+    from llmops_dagster.infra.instance import prepare_dagster_home
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     monkeypatch.delenv("LLMOPS_DAGSTER_DATABASE_URL", raising=False)

@@ -13,7 +13,7 @@ import time
 
 import dagster as dg
 
-from llmops_dagster import run_progress
+from llmops_dagster.infra import run_progress
 
 
 @dg.asset

@@ -14,7 +14,7 @@ import yaml
 from dagster._core.events import JobFailureData, RunFailureReason
 
 from llmops_dagster.definitions import defs
-from llmops_dagster.instance import DAGSTER_YAML, LocalRunLauncher, worker_status
+from llmops_dagster.infra.instance import DAGSTER_YAML, LocalRunLauncher, worker_status
 from llmops_dagster.loop.runs import DECISION_TAG, REQUEST_NUMBER_TAG, Attempt, next_request
 from schedules.automation import feedback_sensor
 from schedules.jobs import RETRAIN_RETRIES

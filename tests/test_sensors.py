@@ -8,11 +8,11 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
-from llmops_dagster import database
 from llmops_dagster.dataset import embeddings
 from llmops_dagster.dataset.synthetic_data import generate_examples
 from llmops_dagster.definitions import defs
 from llmops_dagster.governance import registry
+from llmops_dagster.infra import database
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource

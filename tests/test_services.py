@@ -23,7 +23,7 @@ import dagster as dg
 import psutil
 import pytest
 
-from llmops_dagster import database
+from llmops_dagster.infra import database
 from llmops_dagster.training.launch import free_port
 from tests.test_listeners import assert_loopback_only, listeners, listing
 
@@ -131,7 +131,8 @@ def test_ui_in_the_background_is_read_only_and_stops_on_sigterm(fresh_database, 
     try:
         descendants = psutil.Process(ui.pid).children(recursive=True)
         commands = [" ".join(process.cmdline()) for process in descendants]
-        assert any("llmops_dagster.ui webserver" in c and "--read-only" in c for c in commands), commands
+        assert any("llmops_dagster.infra.ui webserver" in c and "--read-only" in c
+                   for c in commands), commands
         assert any("dagster._daemon" in c for c in commands), commands
 
         # Read-only: launchRun is refused, the write routes outside GraphQL too, and no run exists.

@@ -100,8 +100,8 @@ def test_no_database_password_reaches_rays_gcs(served_model, monkeypatch, llmops
     from ray.experimental import internal_kv
 
     from assets.serving import serving_deployment
-    from llmops_dagster import embedded_auth
-    from llmops_dagster.database_roles import SERVING
+    from llmops_dagster.infra import embedded_auth
+    from llmops_dagster.infra.database_roles import SERVING
     from tests.conftest import UNLIMITED
 
     url = sa.engine.make_url(os.environ["LLMOPS_SERVING_DATABASE_URL"])

@@ -17,8 +17,8 @@ from llmops_dagster.evaluation import scoring
 from llmops_dagster.evaluation.scoring import EvalSettings
 from llmops_dagster.governance.approval import ApprovalRequest
 from llmops_dagster.governance.policy import Policy
+from llmops_dagster.infra.settings import copy_into, declared_default
 from llmops_dagster.serving.app import ServingConfig
-from llmops_dagster.settings import copy_into, declared_default
 from llmops_dagster.training.base_model import ScratchModelSpec
 from llmops_dagster.training.plan import WarmStartSettings
 from llmops_dagster.training.run_config import FinetuneSettings, RunConfig

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("llmops_dagster", "assets", "resources", "schedules")
 # Statements that set up the database itself (schema and grants), not rows of one table.
-EXEMPT = ("llmops_dagster/migrations/", "llmops_dagster/database_roles.py")
+EXEMPT = ("llmops_dagster/migrations/", "llmops_dagster/infra/database_roles.py")
 
 OWNERS = {
     "request_log": "llmops_dagster/serving/traffic_log.py",

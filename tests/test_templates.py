@@ -5,6 +5,7 @@ generated text is made storable before it is logged. No model, no database."""
 import pytest
 from jinja2.exceptions import SecurityError
 
+from llmops_dagster.infra.settings import PROMPTS_DIR
 from llmops_dagster.prompts.rendering import (
     CHAT_TEMPLATE,
     TEMPLATE,
@@ -16,7 +17,6 @@ from llmops_dagster.prompts.rendering import (
 )
 from llmops_dagster.prompts.templates import PromptTemplateError, load_template
 from llmops_dagster.serving.app import storable_answer
-from llmops_dagster.settings import PROMPTS_DIR
 
 
 def test_the_shipped_template_renders_a_prompt():

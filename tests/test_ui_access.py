@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llmops_dagster import ui
+from llmops_dagster.infra import ui
 from llmops_dagster.training.launch import free_port
 from tests.test_services import (
     LAUNCH_PARAMS,
@@ -130,7 +130,8 @@ def test_the_operating_ui_answers_only_under_its_secret_path(fresh_database, pla
         assert str(url_file) in _log_tail(log) and secret not in log.read_text()
         # Not on any command line (which every local user may read), nor in what nobody can read.
         assert not [p.pid for p in descendants if secret in " ".join(p.cmdline())]
-        webserver = next(p for p in descendants if "llmops_dagster.ui webserver" in " ".join(p.cmdline()))
+        webserver = next(p for p in descendants
+                         if "llmops_dagster.infra.ui webserver" in " ".join(p.cmdline()))
         assert "--read-only" not in webserver.cmdline()
         assert as_nobody(["cat", f"/proc/{webserver.pid}/environ"]).returncode != 0
         assert as_nobody(["cat", str(url_file)]).returncode != 0

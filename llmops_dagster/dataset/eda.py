@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from llmops_dagster.dataset.validation import count_tokens
-from llmops_dagster.plots import figure_markdown
+from llmops_dagster.infra.plots import figure_markdown
 
 
 @dataclass

@@ -326,7 +326,7 @@ def slices_plot_markdown(slices: dict) -> str:
 
     matplotlib.use("Agg")
 
-    from llmops_dagster.plots import figure_markdown
+    from llmops_dagster.infra.plots import figure_markdown
 
     frame = pd.DataFrame({role: {name: v[MAIN_METRIC] for name, v in by_slice.items()}
                           for role, by_slice in slices.items()})

@@ -73,7 +73,7 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
     Every value is escaped: prompts and answers are whatever people sent and the model said."""
     from html import escape
 
-    from llmops_dagster.lineage import eval_report_version
+    from llmops_dagster.infra.lineage import eval_report_version
 
     response, model = chain["response"], chain["model_version"]
     prompts, dataset, rows = chain["prompt_set"], chain["dataset"], chain["training_rows"]

@@ -195,9 +195,9 @@ def prepare_base_model(source: str, spec: ScratchModelSpec, tokenizer_template: 
     setting that cannot be used."""
     if source == SCRATCH_KIND:
         from llmops_dagster.dataset import dataset_store
+        from llmops_dagster.infra.settings import PROMPTS_DIR
         from llmops_dagster.prompts import templates
         from llmops_dagster.prompts.rendering import RenderingError
-        from llmops_dagster.settings import PROMPTS_DIR
 
         # The tokenizer learns from the source's training rows only: feedback rows change with every
         # retrain, and a base model (its vocabulary) that changed with them would make each retrain

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from llmops_dagster.settings import (
+from llmops_dagster.infra.settings import (
     DEPLOYMENT_FILE_ENV,
     DEPLOYMENT_FILE_NAME,
     SettingError,

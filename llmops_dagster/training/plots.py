@@ -1,6 +1,6 @@
 """The loss curve of a fine-tune, as Markdown for the Dagster UI."""
 
-from llmops_dagster.plots import figure_markdown
+from llmops_dagster.infra.plots import figure_markdown
 
 
 def loss_curve_markdown(history: list[dict]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # llmops_dagster/
 PROMPTS_DIR = PACKAGE_DIR.parent / "prompts"
 
 

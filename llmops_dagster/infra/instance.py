@@ -20,8 +20,8 @@ from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
-from llmops_dagster import database
-from llmops_dagster.settings import dagster_home
+from llmops_dagster.infra import database
+from llmops_dagster.infra.settings import dagster_home
 
 DAGSTER_URL_ENV = "LLMOPS_DAGSTER_DATABASE_URL"
 # The pool of finetuned_checkpoint: one fine-tune at a time on an instance.
@@ -54,7 +54,7 @@ concurrency:
 # pool's slot its fine-tune held is freed free_slots_after_run_end_seconds later, so its retry can
 # train. Dagster's DefaultRunLauncher has no health check; LocalRunLauncher adds one.
 run_launcher:
-  module: llmops_dagster.instance
+  module: llmops_dagster.infra.instance
   class: LocalRunLauncher
 run_monitoring:
   enabled: true

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from llmops_dagster.settings import llmops_home
+from llmops_dagster.infra.settings import llmops_home
 
 
 def write_private(path: Path, text: str) -> Path:

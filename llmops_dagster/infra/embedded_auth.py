@@ -18,8 +18,8 @@ from urllib.parse import quote
 
 import sqlalchemy as sa
 
-from llmops_dagster import database_roles
-from llmops_dagster.secrets import write_private
+from llmops_dagster.infra import database_roles
+from llmops_dagster.infra.secrets import write_private
 
 SUPERUSER = "postgres"
 HBA_HEADER = "# Written by llmops: every connection proves a password (SCRAM-SHA-256); no trust."

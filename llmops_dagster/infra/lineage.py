@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import dagster as dg
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/, llmops_dagster/
 DATA_VERSION_TAG = "dagster/data_version"
 # Materializations searched for a data version, newest first, a page at a time: the version behind
 # a model is usually among the newest, and 1000 covers months of nightly retrains.

@@ -11,7 +11,7 @@ local user, so the secret path, not the address, is what keeps them out; a Unix 
 them out too, but a browser cannot open one.
 
 Both modes run two children of this process, in one process group of their own: the webserver
-(`python -m llmops_dagster.ui webserver`, which wraps Dagster's app in the gate above) and
+(`python -m llmops_dagster.infra.ui webserver`, which wraps Dagster's app in the gate above) and
 `dagster-daemon run`, each with its own code server on a Unix socket. SIGTERM, SIGINT or SIGHUP to
 `llmops ui` becomes SIGINT to that group (their graceful shutdown), then SIGKILL to the group if
 anything in it is left after STOP_TIMEOUT_S. The group is not the terminal's foreground group, so a
@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmops_dagster.settings import PACKAGE_DIR, llmops_home
+from llmops_dagster.infra.settings import PACKAGE_DIR, llmops_home
 
 REPO_ROOT = PACKAGE_DIR.parent
 WORKSPACE = REPO_ROOT / "workspace.yaml"
@@ -122,7 +122,7 @@ def operate_secret(home: Path | None = None) -> tuple[str, Path]:
 
 def webserver_command(host: str, port: int, read_only: bool) -> list[str]:
     """The webserver child; the operating UI's prefix is not on it (it is in the environment)."""
-    return [sys.executable, "-m", "llmops_dagster.ui", "webserver", "--host", host, "--port", str(port),
+    return [sys.executable, "-m", "llmops_dagster.infra.ui", "webserver", "--host", host, "--port", str(port),
             *(["--read-only"] if read_only else [])]
 
 
@@ -290,7 +290,7 @@ def serve_webserver(host: str, port: int, read_only: bool) -> None:
 def _main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m llmops_dagster.ui")
+    parser = argparse.ArgumentParser(prog="python -m llmops_dagster.infra.ui")
     commands = parser.add_subparsers(dest="command", required=True)
     webserver = commands.add_parser("webserver", help="the webserver child of `llmops ui`")
     webserver.add_argument("--host", required=True)

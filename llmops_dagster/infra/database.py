@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy as sa
 
-from llmops_dagster import database_roles, embedded_auth
+from llmops_dagster.infra import database_roles, embedded_auth
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 PLATFORM_DATABASE = "llmops"
 DAGSTER_DATABASE = "dagster"
 # Any fixed 64-bit key: serializes migrations when several processes start at once.
