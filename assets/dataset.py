@@ -13,7 +13,7 @@ from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.formats import FORMATS, ColumnMapping, FormatError
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_examples, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version
-from llmops_dagster.infra.lineage import stage_definition, upstream_metadata
+from llmops_dagster.infra.lineage import stage_definition, upstream_product
 from llmops_dagster.infra.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -143,7 +143,7 @@ def validated_dataset(
     artifacts: ArtifactStore,
 ) -> dg.MaterializeResult:
     """Examples that passed every Great Expectations check; the rest are quarantined with reasons."""
-    raw = upstream_metadata(context, raw_examples)
+    raw = upstream_product(context, raw_examples).metadata
     engine = database.engine()
     examples = validated.gather_examples(engine, raw, config.max_feedback_rows)
     outcome = validated.validate_and_quarantine(engine, examples, config.rules(), raw, context.run_id,
@@ -202,7 +202,7 @@ def dataset_embeddings(
     embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """Embeddings of the training prompts in pgvector (HNSW), the reference set for drift."""
-    dataset = upstream_metadata(context, validated_dataset)
+    dataset = upstream_product(context, validated_dataset).metadata
     train = embeddings.training_prompts(dataset_store.read_accepted(dataset["path"]))
     engine = database.engine()
     before = embeddings.stored_rows(engine, dataset["version"])

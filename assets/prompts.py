@@ -9,7 +9,7 @@ from pydantic import Field
 from assets.base_model import base_model
 from assets.dataset import validated_dataset
 from llmops_dagster.dataset import dataset_store
-from llmops_dagster.infra.lineage import stage_definition, upstream_metadata
+from llmops_dagster.infra.lineage import stage_definition, upstream_product
 from llmops_dagster.infra.settings import PROMPTS_DIR
 from llmops_dagster.prompts import rendering, templates
 from resources.artifacts import ArtifactStore
@@ -35,8 +35,8 @@ def prompt_set(context: dg.AssetExecutionContext, config: PromptSetConfig, datab
                artifacts: ArtifactStore) -> dg.MaterializeResult:
     """Train and eval records: the validated dataset's conversations rendered by the base model's
     chat template or a versioned prompt template."""
-    dataset = upstream_metadata(context, validated_dataset)
-    base = upstream_metadata(context, base_model)
+    dataset = upstream_product(context, validated_dataset).metadata
+    base = upstream_product(context, base_model).metadata
     try:
         renderer, records = templates.render_prompt_set(
             config.rendering, Path(config.prompts_dir or PROMPTS_DIR), config.template, base["path"],

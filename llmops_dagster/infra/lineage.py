@@ -63,24 +63,6 @@ def upstream_product(context: dg.AssetExecutionContext, asset: dg.AssetsDefiniti
     return UpstreamProduct(asset=name, version=version, source=source, metadata=metadata)
 
 
-def upstream_metadata(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
-                      ) -> dict:
-    """Metadata values of the product of `asset` this asset builds on: the one this run
-    materialized when the run includes `asset` (so two concurrent runs never mix products), else
-    the latest materialization (an input this run did not rebuild); a clear error when there is none."""
-    key = asset if isinstance(asset, dg.AssetKey) else asset.key
-    materialization = _materialized_in_run(context, key)
-    if materialization is None:
-        event = context.instance.get_latest_materialization_event(key)
-        materialization = event.asset_materialization if event is not None else None
-    if materialization is None:
-        raise dg.Failure(
-            f"{key.to_user_string()} has never been materialized; materialize it first "
-            f"(or select it in the same run)"
-        )
-    return {name: value.value for name, value in materialization.metadata.items()}
-
-
 def _materialized_in_run(context: dg.AssetExecutionContext, key: dg.AssetKey):
     """The newest materialization of `key` in this run, or None (one query on the run's events)."""
     records = context.instance.get_records_for_run(
