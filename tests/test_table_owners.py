@@ -96,14 +96,8 @@ def test_no_statement_names_its_table_by_a_variable():
     assert not {m: s for m, s in found.items() if s}
 
 
-# Owners whose docstrings do not name their tables yet (credentials.py, scoring.py).
-UNDECLARED = ("llmops_dagster/serving/credentials.py", "llmops_dagster/evaluation/scoring.py")
-
-
 def test_owner_modules_say_which_tables_they_own():
     for table, owner in OWNERS.items():
-        if owner in UNDECLARED:
-            continue
         docstring = ast.get_docstring(ast.parse((ROOT / owner).read_text())) or ""
         assert "Owns" in docstring and table in docstring, f"{owner}'s docstring does not name {table}"
 

@@ -1,5 +1,6 @@
 """Evaluating models on the held-out eval split: loss and perplexity, exact match, token F1, the
 same per slice, generation latency, and a paired bootstrap of candidate minus champion.
+Owns the table eval_reports: every statement on it is here.
 
 The eval split has two parts. The trusted split (records without a feedback_id) gives the main
 metrics, the per-slice metrics and the comparison the policy gates on. The feedback slice (records

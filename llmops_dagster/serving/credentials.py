@@ -1,4 +1,5 @@
 """Who may do what at the serving API: API keys with a role, and the per-response feedback token.
+Owns the tables api_keys and signing_keys: every statement on them is here.
 
     role       may                                                   a correction from it
     client     ask (/v1/generate); rate the answers it received      waits for review
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -65,8 +67,6 @@ def create_key(engine: sa.Engine, name: str, role: str, created_by: str) -> tupl
     """A new key: (its record, the key itself, to be shown once and never again)."""
     if role not in ROLES:
         raise CredentialError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    import re
-
     # A name is printed by `keys list` and written to logs: no control characters, spaces or quotes.
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
         raise CredentialError("a key's name must be 1 to 64 letters, digits, '.', '_' or '-'")
