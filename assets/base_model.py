@@ -5,11 +5,13 @@ import dagster as dg
 from pydantic import Field
 
 from assets.dataset import validated_dataset
-from llmops_dagster.infra.lineage import stage_definition, upstream_product
+from llmops_dagster.dataset import dataset_store
+from llmops_dagster.infra.lineage import stage_definition, upstream_product, upstream_record
 from llmops_dagster.infra.settings import copy_into, declared
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training.base_model import ScratchModelSpec
 from resources.artifacts import ArtifactStore
+from resources.database import PostgresResource
 
 SCRATCH = base_models.SCRATCH_KIND
 
@@ -41,13 +43,15 @@ class BaseModelConfig(dg.Config):
 
 @dg.asset(**stage_definition("training"), deps=[validated_dataset], kinds={"transformers"})
 def base_model(
-    context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore
+    context: dg.AssetExecutionContext, config: BaseModelConfig, artifacts: ArtifactStore,
+    database: PostgresResource,
 ) -> dg.MaterializeResult:
     """The causal LM to fine-tune, as a Hugging Face folder loadable with from_pretrained."""
-    dataset = upstream_product(context, validated_dataset)
+    dataset = upstream_record(context, validated_dataset, database.engine(),
+                              dataset_store.recorded_dataset)
     try:
         model = base_models.prepare_base_model(config.source, config.spec(), config.tokenizer_template,
-                                               dataset.metadata["path"], artifacts.write_content_addressed)
+                                               dataset.path, artifacts.write_content_addressed)
     except base_models.BaseModelError as error:
         raise dg.Failure(description=str(error)) from error
     scratch = model.kind == base_models.SCRATCH_KIND
@@ -64,3 +68,10 @@ def base_model(
             **base_models.describe(model.path),
         },
     )
+
+
+def upstream_base_model(context: dg.AssetExecutionContext) -> base_models.BaseModelProduct:
+    """The base model this asset builds on, typed (`upstream_product`'s version and the
+    materialization that carries it)."""
+    product = upstream_product(context, base_model)
+    return base_models.BaseModelProduct.from_materialization(product.version, product.metadata)

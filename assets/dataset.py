@@ -13,7 +13,7 @@ from llmops_dagster.dataset.eda import profile_examples
 from llmops_dagster.dataset.formats import FORMATS, ColumnMapping, FormatError
 from llmops_dagster.dataset.raw_data import SYNTHETIC, load_examples, snapshot_source
 from llmops_dagster.dataset.validation import ValidationRules, data_version
-from llmops_dagster.infra.lineage import stage_definition, upstream_product
+from llmops_dagster.infra.lineage import stage_definition, upstream_product, upstream_record
 from llmops_dagster.infra.settings import declared
 from resources.artifacts import ArtifactStore
 from resources.database import PostgresResource
@@ -202,13 +202,13 @@ def dataset_embeddings(
     embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """Embeddings of the training prompts in pgvector (HNSW), the reference set for drift."""
-    dataset = upstream_product(context, validated_dataset).metadata
-    train = embeddings.training_prompts(dataset_store.read_accepted(dataset["path"]))
     engine = database.engine()
-    before = embeddings.stored_rows(engine, dataset["version"])
+    dataset = upstream_record(context, validated_dataset, engine, dataset_store.recorded_dataset)
+    train = embeddings.training_prompts(dataset_store.read_accepted(dataset.path))
+    before = embeddings.stored_rows(engine, dataset.version)
     # Prompts an earlier version embedded with this model keep their vectors (a retrain adds a
     # few feedback rows to the same prompts); only the others go through the model.
-    stored = embeddings.reuse_embeddings(engine, dataset["version"], embedder.identity(),
+    stored = embeddings.reuse_embeddings(engine, dataset.version, embedder.identity(),
                                          train["_row_number"].tolist(), train["_embedded"].tolist())
     reused = len(stored) - before
     missing = train[~train["_row_number"].isin(stored)]
@@ -216,15 +216,15 @@ def dataset_embeddings(
     if len(missing):
         context.log.info(f"progress: embedding {len(missing)} of {len(train)} training prompts "
                          f"({before} stored already, {reused} reused from earlier versions)")
-        embedding_s = embeddings.embed_and_store(engine, dataset["version"], missing, embedder.embed,
+        embedding_s = embeddings.embed_and_store(engine, dataset.version, missing, embedder.embed,
                                                  embedder.identity())
-    after = embeddings.stored_rows(engine, dataset["version"])
+    after = embeddings.stored_rows(engine, dataset.version)
     context.log.info(f"progress: {after} rows embedded ({after - before} new: {reused} reused, "
                      f"{len(missing)} computed in {embedding_s:.1f} s)")
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(dataset["version"]),
+        data_version=dg.DataVersion(dataset.version),
         metadata={
-            "dataset_version": dataset["version"],
+            "dataset_version": dataset.version,
             "rows": after,
             "rows_added": after - before,
             "rows_reused": reused,  # vectors copied from an earlier version (same prompt and model)

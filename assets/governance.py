@@ -9,6 +9,7 @@ from llmops_dagster.evaluation import scoring
 from llmops_dagster.governance import approval, policy
 from llmops_dagster.governance.approval import ApprovalRequest
 from llmops_dagster.infra.lineage import (
+    eval_report_id,
     failed_checks,
     lineage_metadata,
     model_lineage_versions,
@@ -49,7 +50,7 @@ def approved_model(
     try:
         approval.check_mode(config.request())
         candidate = finetune_record(context)
-        report = scoring.load_report(engine, upstream_product(context, eval_report).metadata["report_id"])
+        report = scoring.load_report(engine, eval_report_id(upstream_product(context, eval_report).version))
         outcome = approval.approve(engine, config.request(), config.to_policy(), candidate, report,
                                    failed_checks(context, BLOCKING_CHECKS))
     except approval.ApprovalRefused as refusal:

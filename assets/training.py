@@ -3,12 +3,18 @@
 import dagster as dg
 from pydantic import Field
 
-from assets.base_model import SCRATCH, BaseModelConfig, base_model  # noqa: F401 (the stage's assets)
+from assets.base_model import SCRATCH, BaseModelConfig, base_model, upstream_base_model  # noqa: F401
 from assets.prompts import prompt_set
 from llmops_dagster.governance import registry
 from llmops_dagster.infra.instance import TRAINER_POOL
-from llmops_dagster.infra.lineage import lineage_metadata, stage_definition, upstream_product
+from llmops_dagster.infra.lineage import (
+    lineage_metadata,
+    stage_definition,
+    upstream_product,
+    upstream_record,
+)
 from llmops_dagster.infra.settings import declared
+from llmops_dagster.prompts import templates
 from llmops_dagster.training import base_model as base_models
 from llmops_dagster.training import launch, plan
 from llmops_dagster.training.plots import loss_curve_markdown
@@ -64,9 +70,9 @@ def finetuned_checkpoint(
     database: PostgresResource,
 ) -> dg.MaterializeResult:
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
-    prompts, base = upstream_product(context, prompt_set), upstream_product(context, base_model)
-    inputs = plan.FinetuneInputs.from_products(base.version, base.metadata, prompts.version,
-                                               prompts.metadata)
+    inputs = plan.FinetuneInputs.from_products(
+        upstream_base_model(context), upstream_record(context, prompt_set, database.engine(),
+                                                      templates.recorded_prompt_set))
     settings = plan.settings_for_base(config.model_dump(), inputs.base_model_kind)
     warm_from = (plan.warm_start_source(registry.production(database.engine()), inputs, settings)
                  if config.warm_start else None)

@@ -10,7 +10,9 @@ import pytest
 
 from assets.training import FinetuneConfig
 from llmops_dagster.evaluation.contenders import choose_contenders
+from llmops_dagster.prompts.templates import PromptSetVersion
 from llmops_dagster.training import launch, plan
+from llmops_dagster.training.base_model import BaseModelProduct
 from llmops_dagster.training.run_config import PRETRAINED_PEAK_LR, RunConfig
 
 
@@ -29,8 +31,8 @@ class Production:
 
 def inputs(base_path: str = "/models/base") -> plan.FinetuneInputs:
     return plan.FinetuneInputs.from_products(
-        "base-1", {"path": base_path, "kind": "scratch", "parameters": 600_000},
-        "prompts-1", {"path": "/prompts/1", "dataset_version": "data-1"})
+        BaseModelProduct("base-1", base_path, "scratch", parameters=600_000),
+        PromptSetVersion("prompts-1", "data-1", "customer_support.v1", "sha", "/prompts/1", 90, 10))
 
 
 def settings(**changes) -> dict:

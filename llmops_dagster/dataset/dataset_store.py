@@ -135,13 +135,26 @@ def version_paths(connection: sa.Connection) -> list[str]:
     return connection.execute(sa.text("SELECT path FROM dataset_versions")).scalars().all()
 
 
-def dataset_version_row(connection: sa.Connection, version: str) -> dict | None:
-    """What the table records of dataset `version` (source, input hash, path, row counts), or None."""
+@dataclass(frozen=True)
+class DatasetVersion:
+    """A validated dataset as dataset_versions records it: the hand-off to the assets built on it."""
+
+    version: str
+    source: str
+    input_hash: str  # the raw snapshot's content hash
+    path: str  # the version's folder (ACCEPTED_FILE inside)
+    rows_input: int
+    rows_accepted: int
+    rows_quarantined: int
+
+
+def recorded_dataset(connection: sa.Connection, version: str) -> DatasetVersion | None:
+    """What the table records of dataset `version`, or None when it is not recorded."""
     row = connection.execute(
         sa.text("SELECT version, source, input_hash, path, rows_input, rows_accepted, "
                 "rows_quarantined FROM dataset_versions WHERE version = :v"), {"v": version}
     ).mappings().first()
-    return dict(row) if row is not None else None
+    return DatasetVersion(**row) if row is not None else None
 
 
 def input_hash_of(engine: sa.Engine, version: str) -> str | None:

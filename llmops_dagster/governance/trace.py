@@ -4,6 +4,8 @@ the source rows it was trained on. Each link is read through the module that own
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import sqlalchemy as sa
 
 from llmops_dagster.dataset import dataset_store
@@ -16,10 +18,12 @@ class TraceError(LookupError):
     """A link of the chain is missing; the message names it."""
 
 
-def _found(row: dict | None, what: str) -> dict:
-    if row is None:
+def _found(record, what: str) -> dict:
+    """`record` (a dict, or a dataclass such as dataset_store.DatasetVersion) as a dict; a
+    TraceError naming `what` when it is None."""
+    if record is None:
         raise TraceError(f"{what} not found")
-    return row
+    return record if isinstance(record, dict) else asdict(record)
 
 
 def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
@@ -30,9 +34,9 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
     with engine.connect() as connection:
         model = _found(registry.lineage_row(connection, response["model_version"]),
                        f"model version {response['model_version']!r} in the registry")
-        prompt_set = _found(templates.prompt_set_version_row(connection, model["prompt_set_version"]),
+        prompt_set = _found(templates.recorded_prompt_set(connection, model["prompt_set_version"]),
                             f"prompt set {model['prompt_set_version']!r}")
-        dataset = _found(dataset_store.dataset_version_row(connection, model["dataset_version"]),
+        dataset = _found(dataset_store.recorded_dataset(connection, model["dataset_version"]),
                          f"dataset {model['dataset_version']!r}")
     rows = dataset_store.read_accepted(dataset["path"])
     train = rows[rows["split"] == "train"]

@@ -63,6 +63,21 @@ def upstream_product(context: dg.AssetExecutionContext, asset: dg.AssetsDefiniti
     return UpstreamProduct(asset=name, version=version, source=source, metadata=metadata)
 
 
+def upstream_record(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition, engine, read):
+    """The typed record of `asset`'s product this asset builds on (`upstream_product`'s version),
+    read from its version table by `read(connection, version)` (the table owner's reader, None when
+    the version is not recorded); a dg.Failure naming the asset and version when it is not."""
+    product = upstream_product(context, asset)
+    with engine.connect() as connection:
+        record = read(connection, product.version)
+    if record is None:
+        raise dg.Failure(
+            f"{product.asset} {product.version} ({product.source}) is not recorded in the platform "
+            f"database: materialize {product.asset} again against this database"
+        )
+    return record
+
+
 def _materialized_in_run(context: dg.AssetExecutionContext, key: dg.AssetKey):
     """The newest materialization of `key` in this run, or None (one query on the run's events)."""
     records = context.instance.get_records_for_run(
@@ -156,9 +171,22 @@ def model_lineage_versions(engine, model) -> dict[str, str]:
     return versions
 
 
+EVAL_REPORT_PREFIX = "report-"
+
+
 def eval_report_version(report_id: int) -> str:
     """Data version of an eval report: its id in the eval_reports table."""
-    return f"report-{report_id}"
+    return f"{EVAL_REPORT_PREFIX}{report_id}"
+
+
+def eval_report_id(version: str) -> int:
+    """The eval_reports id that data version `version` names (eval_report_version's inverse); a
+    dg.Failure for a version that names none."""
+    number = version.removeprefix(EVAL_REPORT_PREFIX)
+    if number == version or not number.isdigit():
+        raise dg.Failure(f"eval_report data version {version!r} names no eval report "
+                         f"(expected {EVAL_REPORT_PREFIX}<id>)")
+    return int(number)
 
 
 # Files a stage's products also depend on beyond its asset modules and library folder.

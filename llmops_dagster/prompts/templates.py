@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -164,13 +165,26 @@ def version_paths(connection: sa.Connection) -> list[str]:
     return connection.execute(sa.text("SELECT path FROM prompt_set_versions")).scalars().all()
 
 
-def prompt_set_version_row(connection: sa.Connection, version: str) -> dict | None:
-    """What the table records of prompt set `version` (template, path, row counts), or None."""
+@dataclass(frozen=True)
+class PromptSetVersion:
+    """A prompt set as prompt_set_versions records it: the hand-off to the fine-tune."""
+
+    version: str
+    dataset_version: str
+    template_name: str
+    template_sha: str
+    path: str  # the version's folder (SPLIT_FILES and the template inside)
+    train_rows: int
+    eval_rows: int
+
+
+def recorded_prompt_set(connection: sa.Connection, version: str) -> PromptSetVersion | None:
+    """What the table records of prompt set `version`, or None when it is not recorded."""
     row = connection.execute(
-        sa.text("SELECT version, template_name, template_sha, path, train_rows, "
+        sa.text("SELECT version, dataset_version, template_name, template_sha, path, train_rows, "
                 "eval_rows FROM prompt_set_versions WHERE version = :v"), {"v": version}
     ).mappings().first()
-    return dict(row) if row is not None else None
+    return PromptSetVersion(**row) if row is not None else None
 
 
 def recorded_renderer(engine: sa.Engine, version: str) -> PromptRenderer:

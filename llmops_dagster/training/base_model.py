@@ -179,11 +179,23 @@ def module_names(source: str) -> set[str]:
 
 @dataclass(frozen=True)
 class BaseModelProduct:
-    """The base model a fine-tune starts from: its version, folder (or model id) and kind."""
+    """The base model a fine-tune starts from: its version, folder (or model id) and kind; as a
+    hand-off also its parameter count and the template its tokenizer learned ("-": pretrained)."""
 
     version: str
     path: str
     kind: str
+    parameters: int = 0
+    tokenizer_template: str = "-"
+
+    @classmethod
+    def from_materialization(cls, version: str, metadata: dict) -> BaseModelProduct:
+        """The product a base_model materialization of `version` describes. Its version is a
+        content hash of the folder, and the folder is content-addressed (or the operator's own), so
+        the materialization that carries the version is its record: there is no version table."""
+        return cls(version=version, path=metadata["path"], kind=metadata.get("kind", SCRATCH_KIND),
+                   parameters=int(metadata["parameters"]),
+                   tokenizer_template=metadata.get("tokenizer_template", "-"))
 
 
 def prepare_base_model(source: str, spec: ScratchModelSpec, tokenizer_template: str,

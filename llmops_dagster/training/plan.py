@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmops_dagster.prompts.templates import SPLIT_FILES
+from llmops_dagster.prompts.templates import SPLIT_FILES, PromptSetVersion
 from llmops_dagster.training import launch
-from llmops_dagster.training.base_model import SCRATCH_KIND
+from llmops_dagster.training.base_model import BaseModelProduct
 from llmops_dagster.training.run_config import DEFAULTS_BY_KIND, RunConfig, read_history, write_run_config
 
 RUN_FILE = "train_config.json"
@@ -52,14 +52,12 @@ class FinetuneInputs:
     dataset_version: str
 
     @classmethod
-    def from_products(cls, base_version: str, base: dict, prompts_version: str, prompts: dict,
-                      ) -> FinetuneInputs:
-        """The inputs from the base model's and the prompt set's versions and their products'
-        metadata (path, kind, parameters; path, dataset_version)."""
-        return cls(base_model_version=base_version, base_model_path=base["path"],
-                   base_model_kind=base.get("kind", SCRATCH_KIND),
-                   base_model_parameters=base["parameters"], prompt_set_version=prompts_version,
-                   prompt_set_path=prompts["path"], dataset_version=prompts["dataset_version"])
+    def from_products(cls, base: BaseModelProduct, prompts: PromptSetVersion) -> FinetuneInputs:
+        """The inputs from the base model's product and the prompt set's recorded version."""
+        return cls(base_model_version=base.version, base_model_path=base.path,
+                   base_model_kind=base.kind, base_model_parameters=base.parameters,
+                   prompt_set_version=prompts.version, prompt_set_path=prompts.path,
+                   dataset_version=prompts.dataset_version)
 
     @property
     def lineage(self) -> dict[str, str]:
