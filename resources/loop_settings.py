@@ -8,8 +8,18 @@ from llmops_dagster.training.plan import WarmStartSettings
 
 
 class LoopSettings(dg.ConfigurableResource):
-    feedback_threshold: int = Field(default=20, description="New negative ratings on the production "
-                                    "model that trigger a retraining.")
+    feedback_threshold: int = Field(default=20, ge=1, description="New counted negative votes on the "
+                                    "production model that trigger a retraining (each actor's "
+                                    "ratings count at most max_votes_per_actor times).")
+    # One actor is one vote: a key, or for a rating without a key whoever asked (their key, else
+    # their address), however many feedback tokens they hold. With the defaults a retrain needs
+    # at least 7 actors (20 votes at 3 each), a rollback at least 5 on each version.
+    min_distinct_raters: int = Field(default=5, ge=2, description="Distinct actors behind a "
+                                     "feedback window, and behind each version's live rate, before "
+                                     "the loop retrains or rolls back (one actor alone never does).")
+    max_votes_per_actor: int = Field(default=3, ge=1, description="Most ratings of one actor that "
+                                     "count in a feedback window or a live rate; the rest are stored "
+                                     "and not counted.")
     drift_window: int = Field(default=200, description="Newest production prompts compared (count).")
     drift_reference: int = Field(default=2000, description="Training-prompt embeddings compared.")
     # One test per new window of drift_window prompts: at 1 request a second that is 432 tests a day,
@@ -23,7 +33,8 @@ class LoopSettings(dg.ConfigurableResource):
                                   "seconds of the last retrain run (any trigger).")
     guard_margin: float = Field(default=0.1, description="Roll back when the new version's negative "
                                 "rate exceeds the previous one's by more than this.")
-    guard_min_ratings: int = Field(default=20, description="Ratings of each version before judging.")
+    guard_min_ratings: int = Field(default=20, ge=1, description="Counted ratings of each version "
+                                   "(at most max_votes_per_actor an actor) before judging.")
     # A sensor's retrain continues from the production adapter for fewer steps: 800 steps from a
     # fresh init are ~51 s of the 2-core machine's minute from trigger to served model. The nightly
     # schedule trains from a fresh init at the asset's defaults.

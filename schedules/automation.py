@@ -42,8 +42,10 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     """Retrain when new counted negative feedback on the production model reaches the threshold.
 
     Only ratings that carry a credential count (an API key, or the feedback token of the answer),
-    once per answer and rater. The cursor is a PostgreSQL snapshot: the window is every counted
-    rating committed since, whatever its id, so a slow insert is neither missed nor counted twice.
+    once per answer and rater, and by actor: at most max_votes_per_actor of one actor, from at
+    least min_distinct_raters actors (traffic_log.new_negative_feedback). The cursor is a
+    PostgreSQL snapshot: the window is every counted rating committed since, whatever its id, so a
+    slow insert is neither missed nor counted twice.
     Below the threshold the cursor stays put (the rows keep counting); at the threshold it moves
     to the snapshot of this count, and the run key names the window.
     """
@@ -55,19 +57,21 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     if again is not None:
         return again
     since = context.cursor if traffic_log.is_snapshot(context.cursor) else None
-    window = traffic_log.new_negative_feedback(engine, since, production.version)
-    if window.negative < loop_settings.feedback_threshold:
-        return dg.SkipReason(f"{window.negative} new counted negative ratings on {production.version}; "
-                             f"threshold {loop_settings.feedback_threshold}")
+    window = traffic_log.new_negative_feedback(engine, since, production.version,
+                                               loop_settings.max_votes_per_actor)
+    rule = (loop_settings.feedback_threshold, loop_settings.min_distinct_raters)
+    if not window.reaches(*rule):
+        return dg.SkipReason(f"new on {production.version}: {window.summary(*rule)}")
     pending = runs.in_flight(context.instance, RETRAIN_JOBS)
     if pending:  # the rows keep counting; the next window starts after this retrain
-        return dg.SkipReason(f"{window.negative} new counted negative ratings, but run "
-                             f"{pending[0].run_id} ({pending[0].job_name}) is queued or running")
+        return dg.SkipReason(f"{window.summary(*rule)}, but run {pending[0].run_id} "
+                             f"({pending[0].job_name}) is queued or running")
     context.update_cursor(window.until)
     return dg.RunRequest(
         run_key=f"feedback-{window.key}",
         run_config=loop_settings.retrain_run_config(),
         tags={"llmops/trigger": "feedback", "llmops/negative_feedback": str(window.negative),
+              "llmops/feedback_actors": str(window.actors),
               "llmops/feedback_window": window.key, runs.DECISION_TAG: f"feedback-{window.key}"},
     )
 
@@ -151,9 +155,12 @@ def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResour
     pending = runs.in_flight(context.instance, SERVING_JOBS)
     if pending:
         return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
-    new = traffic_log.live_rate(engine, promotion.version, since=promotion.at)
-    old = traffic_log.live_rate(engine, previous, since=registry.promoted_at(engine, previous))
-    reason = signals.guard_verdict(new, old, loop_settings.guard_margin, loop_settings.guard_min_ratings)
+    cap = loop_settings.max_votes_per_actor
+    new = traffic_log.live_rate(engine, promotion.version, since=promotion.at, max_votes_per_actor=cap)
+    old = traffic_log.live_rate(engine, previous, since=registry.promoted_at(engine, previous),
+                                max_votes_per_actor=cap)
+    reason = signals.guard_verdict(new, old, loop_settings.guard_margin, loop_settings.guard_min_ratings,
+                                   loop_settings.min_distinct_raters)
     if reason is None:
         return dg.SkipReason(f"{promotion.version} is doing no worse than {previous}")
     if promotion.by_rollback and promotion.actor == GUARD:

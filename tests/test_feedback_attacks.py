@@ -156,6 +156,21 @@ def test_attacks_through_the_feedback_api_change_nothing_the_loop_acts_on(served
     assert loop_state(served_model) == baseline
     rows += 127
 
+    # 5. One address asks 30 questions without a key and down-votes each answer with its own
+    #    token: 30 counted ratings (each token is its answer's), one actor (the asking host),
+    #    whose votes count 3 times at most: no retrain, no rollback.
+    asked = [ask(url, f"Where is my order A{20000 + n}?") for n in range(30)]
+    answers = rate_many(url, [{"response_id": a["response_id"], "rating": -1,
+                               "feedback_token": a["feedback_token"]} for a in asked])
+    assert all(a["status"] == "counted" for a in answers)
+    state = loop_state(served_model)
+    assert state["counted_negative"] == 4 and state["runs_requested"] == [None, None], state
+    with engine.connect() as connection:
+        actors = dict(connection.execute(sa.text(
+            "SELECT actor, count(*) FROM feedback WHERE counted GROUP BY actor")).all())
+    assert actors == {"host:loopback": 31, "key:mallory": 1}, actors
+    rows += 30
+
     # Nothing anyone sent was thrown away.
     assert stored_rows(engine) == rows
     with engine.connect() as connection:

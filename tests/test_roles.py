@@ -147,7 +147,7 @@ def test_the_serving_role_does_what_serving_needs(fresh_database):
         traffic_log.log_requests(serving, [{
             "id": response_id, "version": "v1", "prompt": "where is my order?",
             "response": "it ships today", "max_new_tokens": 8, "latency": 5.0, "api_key_id": None}])
-        served, receiver = traffic_log.answer_receiver(serving, response_id)
+        served, receiver, _ = traffic_log.answer_receiver(serving, response_id)
         assert served and receiver is None
         stored = traffic_log.store_feedback(serving, traffic_log.Rating(
             response_id=response_id, rating=-1, correction="it shipped yesterday", comment=None,

@@ -40,9 +40,10 @@ def engine(platform_db, monkeypatch):
 
 
 def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = None,
-          counted: bool = True) -> None:
+          counted: bool = True, actor: str | None = None) -> None:
     """Rows as the serving app writes them: a request log entry each, and a rating when given
-    (counted: as sent with the answer's feedback token; not counted: as sent with no credential)."""
+    (counted: as sent with the answer's feedback token; not counted: as sent with no credential),
+    each from an actor of its own unless `actor` names the one behind them all."""
     with engine.begin() as connection:
         for index, prompt in enumerate(prompts):
             response_id = str(uuid.uuid4())
@@ -52,9 +53,10 @@ def serve(engine, version: str, prompts: list[str], ratings: list[int] | None = 
                                                                        "p": prompt})
             if ratings is not None:
                 connection.execute(sa.text(
-                    "INSERT INTO feedback (response_id, client_id, rating, rater, credential, counted) "
-                    "VALUES (:id, 'c', :r, :rater, :credential, :counted)"),
+                    "INSERT INTO feedback (response_id, client_id, rating, rater, credential, counted, "
+                    "actor) VALUES (:id, 'c', :r, :rater, :credential, :counted, :actor)"),
                     {"id": response_id, "r": ratings[index], "counted": counted,
+                     "actor": actor or f"key:person-{uuid.uuid4().hex[:8]}",
                      "rater": f"token:{response_id}" if counted else "anonymous",
                      "credential": "feedback_token" if counted else "none"})
 
@@ -71,7 +73,7 @@ def test_feedback_sensor_counts_every_row_once(engine, instance):
     serve(engine, "v2", ["q"] * 30, [-1] * 30, counted=False)  # no credential: stored, never counted
     serve(engine, "v2", ["q"] * 19, [-1] * 19)
     result, cursor = evaluate(feedback_sensor, instance)
-    assert isinstance(result, dg.SkipReason) and "19 new counted negative ratings" in result.skip_message
+    assert isinstance(result, dg.SkipReason) and "19 counted negative votes" in result.skip_message
     assert cursor is None  # below the threshold the rows keep counting
 
     serve(engine, "v2", ["q"] * 3, [1, 1, -1])
@@ -110,12 +112,54 @@ def test_a_rating_committed_late_is_counted_by_the_sensor_exactly_once(engine, i
     assert fired.tags["llmops/negative_feedback"] == "20"
     transaction.commit()
     held.close()
-    late, cursor = evaluate(feedback_sensor, instance, cursor=cursor, feedback_threshold=1)
-    assert isinstance(late, dg.RunRequest) and late.tags["llmops/negative_feedback"] == "1"
+    serve(engine, "v2", ["q"], [-1])  # one more actor beside the held row's
+    late, cursor = evaluate(feedback_sensor, instance, cursor=cursor, feedback_threshold=2,
+                            min_distinct_raters=2)
+    assert isinstance(late, dg.RunRequest) and late.tags["llmops/negative_feedback"] == "2"
     window = traffic_log.new_negative_feedback(engine, None, "v2")
-    assert window.negative == 21 and window.newest_id > held_id
+    assert window.negative == 22 and window.newest_id > held_id
     again, _ = evaluate(feedback_sensor, instance, cursor=cursor, feedback_threshold=1)
-    assert isinstance(again, dg.SkipReason) and again.skip_message.startswith("0 new")
+    assert isinstance(again, dg.SkipReason) and "0 counted negative votes" in again.skip_message
+
+
+def test_one_actor_is_one_vote_however_many_tokens_it_holds(engine, instance):
+    """30 down-votes from one host's feedback tokens (one actor) request nothing; capped at 3 an
+    actor, 6 actors with 4 each are 18 votes, below 20; a 7th actor's 3 make 21 from 7: a run.
+    Every rating stays stored."""
+    serve(engine, "v2", ["q"] * 30, [-1] * 30, actor="host:loopback")
+    result, cursor = evaluate(feedback_sensor, instance)
+    assert isinstance(result, dg.SkipReason) and cursor is None
+    assert "3 counted negative votes from 1 actor(s) (30 stored ratings" in result.skip_message
+    one_actor = traffic_log.new_negative_feedback(engine, None, "v2", max_votes_per_actor=1000)
+    assert (one_actor.negative, one_actor.actors) == (30, 1)
+    lone = evaluate(feedback_sensor, instance, feedback_threshold=3, max_votes_per_actor=100)[0]
+    assert isinstance(lone, dg.SkipReason)  # 30 votes, but one actor never asks alone
+
+    for person in range(5):
+        serve(engine, "v2", ["q"] * 4, [-1] * 4, actor=f"key:person-{person}")
+    result, _ = evaluate(feedback_sensor, instance)
+    assert isinstance(result, dg.SkipReason) and "18 counted negative votes from 6 actor(s)" in result.skip_message
+    serve(engine, "v2", ["q"] * 3, [-1] * 3, actor="key:person-6")
+    result, _ = evaluate(feedback_sensor, instance)
+    assert isinstance(result, dg.RunRequest)
+    assert (result.tags["llmops/negative_feedback"], result.tags["llmops/feedback_actors"]) == ("21", "7")
+    with engine.connect() as connection:
+        assert connection.execute(sa.text("SELECT count(*) FROM feedback")).scalar_one() == 53
+
+
+def test_one_actor_cannot_roll_a_version_back(engine, instance):
+    """v3's 20 down-votes from one key weigh 3 ratings and one actor: the guard does not judge."""
+    registry.register_candidate(
+        engine, version="v3", dataset_version="d1", prompt_set_version="p1", base_model_version="b1",
+        checkpoint_path="-", adapter_path="-", merged_model_path="-", train_config={},
+        eval_report_id=None)
+    registry.promote(engine, "v3", actor="policy", reason="passed", automatic=True)
+    serve(engine, "v2", ["q"] * 20, [1] * 20)
+    serve(engine, "v3", ["q"] * 20, [-1] * 20, actor="key:mallory")
+    live = traffic_log.live_rate(engine, "v3")
+    assert (live.ratings, live.negative, live.actors) == (3, 3.0, 1)
+    result, _ = evaluate(rollback_guard, instance, guard_min_ratings=3)
+    assert isinstance(result, dg.SkipReason) and registry.production(engine).version == "v3"
 
 
 def test_drift_sensor_fires_on_a_new_topic_only(engine, instance):

@@ -56,13 +56,18 @@ def check_production_drift(engine, embed: Callable, production, window: int, ref
                                           f"{result.threshold:.5f} (p {result.p_value:.3f})")
 
 
-def guard_verdict(new: LiveRate, previous: LiveRate, margin: float, min_ratings: int) -> str | None:
+def guard_verdict(new: LiveRate, previous: LiveRate, margin: float, min_ratings: int,
+                  min_actors: int = 5) -> str | None:
     """Why the new version must be rolled back, or None: its negative rate exceeds the previous
-    version's by more than `margin`, over at least `min_ratings` ratings of each."""
+    version's by more than `margin`, over at least `min_ratings` counted ratings of each from at
+    least `min_actors` actors of each (one actor alone never rolls a version back)."""
     if new.ratings < min_ratings or previous.ratings < min_ratings:
+        return None
+    if new.actors < min_actors or previous.actors < min_actors:
         return None
     if new.negative_rate > previous.negative_rate + margin:
         return (f"live negative-feedback rate of {new.version} is {new.negative_rate:.1%} over "
-                f"{new.ratings} ratings, above {previous.version}'s {previous.negative_rate:.1%} over "
-                f"{previous.ratings} by more than the margin {margin:.1%}")
+                f"{new.ratings} ratings from {new.actors} actors, above {previous.version}'s "
+                f"{previous.negative_rate:.1%} over {previous.ratings} from {previous.actors} by more "
+                f"than the margin {margin:.1%}")
     return None

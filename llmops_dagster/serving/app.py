@@ -31,7 +31,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -184,6 +184,17 @@ class FeedbackRequest(BaseModel):
             raise ValueError("response_id must be a response_id returned by /v1/generate") from error
 
 
+class Ask(NamedTuple):
+    """One generate request waiting for its batch: what was asked, when (time.perf_counter(), s),
+    the key that asked (None: none) and the asker's budget host (admission.budget_host: the actor
+    of its ratings when it has no key)."""
+
+    request: GenerateRequest
+    started: float
+    key_id: int | None
+    client_host: str
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """Everything a replica needs; built by the serving_deployment asset from the registry."""
@@ -326,9 +337,9 @@ class ModelServer:
         return [storable_answer(text).strip()
                 for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
 
-    def _answer_rows(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[dict]:
+    def _answer_rows(self, batch: list[Ask]) -> list[dict]:
         """Answer a batch; one request-log row each (not yet written), in order."""
-        requests = [request for request, _, _ in batch]
+        requests = [ask.request for ask in batch]
         contexts = [request.context() for request in requests]
         texts = self._answer(requests, contexts)
         finished = time.perf_counter()
@@ -336,10 +347,10 @@ class ModelServer:
                  "prompt": r.user_message(),
                  "context": context,
                  "response": text, "max_new_tokens": r.max_new_tokens,
-                 "latency": (finished - started) * 1000, "api_key_id": key_id}
-                for (r, started, key_id), context, text in zip(batch, contexts, texts, strict=True)]
+                 "latency": (finished - started) * 1000, "api_key_id": key_id, "client_host": host}
+                for (r, started, key_id, host), context, text in zip(batch, contexts, texts, strict=True)]
 
-    async def _generate_batch(self, batch: list[tuple[GenerateRequest, float, int | None]]) -> list[dict]:
+    async def _generate_batch(self, batch: list[Ask]) -> list[dict]:
         # In a worker thread: the event loop keeps taking requests (they queue for the next batch).
         return await asyncio.to_thread(self._answer_rows, batch)
 
@@ -372,7 +383,8 @@ class ModelServer:
             raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"},
                                 detail="this deployment answers only requests with an API key "
                                        "(generate_requires_key)")
-        row = await self.batcher.submit((body, time.perf_counter(), key.id if key else None))
+        row = await self.batcher.submit(Ask(body, time.perf_counter(), key.id if key else None,
+                                            budget_host(request.client.host if request.client else None)))
         # A 200 means the answer's row is committed; the model meanwhile answers the next batch.
         await self.request_log.commit([row])
         return GenerateResponse(response_id=row["id"], text=row["response"],
@@ -382,7 +394,7 @@ class ModelServer:
     def _store_feedback(self, feedback: FeedbackRequest, key: credentials.ApiKey | None,
                         address: str | None) -> dict:
         response_id = str(feedback.response_id)
-        served, receiver = traffic_log.answer_receiver(self.engine, response_id)
+        served, receiver, asker_host = traffic_log.answer_receiver(self.engine, response_id)
         if not served:
             return {}
         token_valid = (None if feedback.feedback_token is None else
@@ -391,7 +403,7 @@ class ModelServer:
         return traffic_log.store_feedback(self.engine, traffic_log.Rating(
             response_id=response_id, rating=feedback.rating, correction=feedback.correction,
             comment=feedback.comment, client_id=feedback.client_id,
-            credential=credentials.judge_rating(key, response_id, receiver, token_valid),
+            credential=credentials.judge_rating(key, response_id, receiver, token_valid, asker_host),
             review=review.initial_review(feedback.rating, feedback.correction, trusted),
             source_address=address))
 

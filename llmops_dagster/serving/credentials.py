@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -153,14 +153,26 @@ class RatingCredential:
     api_key_id: int | None
     counts: bool
     reason: str
+    # Who stands behind the rating, for the loop's counts (one actor, one vote): its key, else
+    # the key that asked for the answer, else the asker's host ("host:<budget host>").
+    actor: str = "host:unknown"
 
 
 def judge_rating(key: ApiKey | None, response_id: str, receiver: ApiKey | None,
-                 token_valid: bool | None) -> RatingCredential:
+                 token_valid: bool | None, asker_host: str | None = None) -> RatingCredential:
     """Whether a rating of answer `response_id` counts, from its credentials: the API key it came
     with (`key`), the key that asked for the answer (`receiver`), and its feedback token (None: no
     token sent). The rater identity of a token is the answer's receiver, so whoever received an
-    answer rates it once, however many client ids or requests they invent."""
+    answer rates it once, however many client ids or requests they invent. The actor is the key,
+    else whoever asked: the receiver's key, else `asker_host` (the asker's budget host), so a host
+    that asks 30 questions without a key and rates each answer by its token is one actor."""
+    actor = (key.identity if key is not None else receiver.identity if receiver is not None
+             else f"host:{asker_host or 'unknown'}")
+    return replace(_judged(key, response_id, receiver, token_valid), actor=actor)
+
+
+def _judged(key: ApiKey | None, response_id: str, receiver: ApiKey | None,
+            token_valid: bool | None) -> RatingCredential:
     receiver_identity = receiver.identity if receiver else f"token:{response_id}"
     if key is not None:
         key_id = key.id

@@ -24,12 +24,14 @@ if TYPE_CHECKING:  # review.py calls this module for its statements
 _REQUEST_LOG = sa.table(
     "request_log", sa.column("response_id", sa.Uuid(as_uuid=False)), sa.column("model_version"),
     sa.column("prompt"), sa.column("context", JSONB(none_as_null=True)), sa.column("response"),
-    sa.column("max_new_tokens"), sa.column("latency_ms"), sa.column("api_key_id"))
+    sa.column("max_new_tokens"), sa.column("latency_ms"), sa.column("api_key_id"),
+    sa.column("client_host"))
 _INSERT_REQUESTS = sa.insert(_REQUEST_LOG).values(
     response_id=sa.bindparam("id"), model_version=sa.bindparam("version"),
     prompt=sa.bindparam("prompt"), context=sa.bindparam("context"),  # typed by its column
     response=sa.bindparam("response"), max_new_tokens=sa.bindparam("max_new_tokens"),
-    latency_ms=sa.bindparam("latency"), api_key_id=sa.bindparam("api_key_id"))
+    latency_ms=sa.bindparam("latency"), api_key_id=sa.bindparam("api_key_id"),
+    client_host=sa.bindparam("client_host"))
 
 
 def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
@@ -37,22 +39,26 @@ def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
     a list of {role, content} or None, response, max_new_tokens, latency in ms, the asking API
     key's id or None) in one transaction and one multi-row INSERT: one round trip, one commit."""
     with engine.begin() as connection:
-        connection.execute(_INSERT_REQUESTS, [{"context": None, **row} for row in rows])
+        connection.execute(_INSERT_REQUESTS, [{"context": None, "client_host": None, **row}
+                                              for row in rows])
 
 
-def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None]:
-    """Whether answer `response_id` was served, and the API key that asked for it (None: no key)."""
+def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None, str | None]:
+    """Whether answer `response_id` was served, the API key that asked for it (None: no key) and
+    the asker's budget host (None: logged before hosts were)."""
     with engine.connect() as connection:
         row = connection.execute(
-            sa.text("SELECT r.api_key_id, k.name, k.role, k.key_prefix, k.created_by, k.created_at, "
-                    "k.revoked_at, k.revoked_by FROM request_log r LEFT JOIN api_keys k "
+            sa.text("SELECT r.api_key_id, r.client_host, k.name, k.role, k.key_prefix, k.created_by, "
+                    "k.created_at, k.revoked_at, k.revoked_by FROM request_log r LEFT JOIN api_keys k "
                     "ON k.id = r.api_key_id WHERE r.response_id = CAST(:id AS uuid)"),
             {"id": response_id}).mappings().first()
     if row is None:
-        return False, None
+        return False, None, None
     if row["api_key_id"] is None:
-        return True, None
-    return True, ApiKey(id=row["api_key_id"], **{k: v for k, v in row.items() if k != "api_key_id"})
+        return True, None, row["client_host"]
+    key = ApiKey(id=row["api_key_id"],
+                 **{k: v for k, v in row.items() if k not in ("api_key_id", "client_host")})
+    return True, key, row["client_host"]
 
 
 @dataclass(frozen=True)
@@ -77,14 +83,15 @@ def store_feedback(engine: sa.Engine, rating: Rating) -> dict:
     credential = rating.credential
     values = {"id": rating.response_id, "client": rating.client_id, "rating": rating.rating,
               "correction": rating.correction, "comment": rating.comment, "rater": credential.rater,
+              "actor": credential.actor,
               "credential": credential.credential, "key": credential.api_key_id,
               "address": rating.source_address, "counted": credential.counts,
               "reason": credential.reason, "review": rating.review.state,
               "reviewed_by": rating.review.reviewed_by, "note": rating.review.note}
     insert = ("INSERT INTO feedback (response_id, client_id, rating, correction, comment, rater, "
-              "credential, api_key_id, source_address, counted, count_reason, review_state, "
+              "actor, credential, api_key_id, source_address, counted, count_reason, review_state, "
               "reviewed_by, reviewed_at, review_note) VALUES (:id, :client, :rating, :correction, "
-              ":comment, :rater, :credential, :key, :address, :counted, :reason, :review, "
+              ":comment, :rater, :actor, :credential, :key, :address, :counted, :reason, :review, "
               ":reviewed_by, CASE WHEN :reviewed_by IS NULL THEN NULL ELSE clock_timestamp() END, :note)")
     with engine.begin() as connection:
         status = "counted" if credential.counts else "not counted"
@@ -141,8 +148,20 @@ class FeedbackWindow:
 
     since: str | None  # the cursor: a pg_snapshot; None counts from the first rating
     until: str  # the snapshot this count saw (the next cursor)
-    negative: int  # counted negative ratings of the production model in the window
+    negative: int  # counted negative ratings in the window, at most max_votes_per_actor an actor
     newest_id: int  # the highest feedback id among them (0: none)
+    actors: int = 0  # distinct actors behind them
+    stored: int = 0  # counted negative ratings in the window before the per-actor cap
+
+    def reaches(self, threshold: int, min_actors: int) -> bool:
+        """Whether the window asks for a retrain: `threshold` votes from `min_actors` actors."""
+        return self.negative >= threshold and self.actors >= min_actors
+
+    def summary(self, threshold: int, min_actors: int) -> str:
+        """The window's figures beside the rule, for a sensor's skip reason or tags."""
+        return (f"{self.negative} counted negative votes from {self.actors} actor(s) "
+                f"({self.stored} stored ratings; threshold {threshold} votes from at least "
+                f"{min_actors} actors)")
 
     @property
     def key(self) -> str:
@@ -153,8 +172,11 @@ class FeedbackWindow:
         return hashlib.sha256(f"{self.since}".encode()).hexdigest()[:16]
 
 
-def new_negative_feedback(engine: sa.Engine, since: str | None, model_version: str) -> FeedbackWindow:
-    """Count the counted negative ratings of `model_version` not yet visible in snapshot `since`.
+def new_negative_feedback(engine: sa.Engine, since: str | None, model_version: str,
+                          max_votes_per_actor: int = 3) -> FeedbackWindow:
+    """Count the counted negative ratings of `model_version` not yet visible in snapshot `since`,
+    by actor: each actor's ratings count at most `max_votes_per_actor` times (one key, or one host
+    with any number of feedback tokens, cannot be a crowd); every rating stays stored.
 
     Commit-safe: a row is new exactly when its transaction (feedback.txid) was not visible in the
     cursor's snapshot, whatever id it took, so a rating committed after higher ids is counted once,
@@ -165,13 +187,16 @@ def new_negative_feedback(engine: sa.Engine, since: str | None, model_version: s
               "AND NOT pg_visible_in_snapshot(f.txid, CAST(:since AS pg_snapshot))")
     with engine.connect() as connection:
         row = connection.execute(
-            sa.text("SELECT pg_current_snapshot()::text AS until, count(f.id) AS negative, "
-                    "coalesce(max(f.id), 0) AS newest_id FROM feedback f "
-                    "JOIN request_log r USING (response_id) WHERE f.counted AND f.rating < 0 "
-                    f"AND r.model_version = :version {window}"),
-            {"since": since, "version": model_version}).one()
+            sa.text("WITH by_actor AS (SELECT f.actor, count(*) AS votes, max(f.id) AS newest "
+                    "FROM feedback f JOIN request_log r USING (response_id) WHERE f.counted "
+                    f"AND f.rating < 0 AND r.model_version = :version {window} GROUP BY f.actor) "
+                    "SELECT pg_current_snapshot()::text AS until, "
+                    "coalesce(sum(least(votes, :cap)), 0) AS negative, count(*) AS actors, "
+                    "coalesce(sum(votes), 0) AS stored, coalesce(max(newest), 0) AS newest_id "
+                    "FROM by_actor"),
+            {"since": since, "version": model_version, "cap": max_votes_per_actor}).one()
     return FeedbackWindow(since=since, until=row.until, negative=int(row.negative),
-                          newest_id=int(row.newest_id))
+                          newest_id=int(row.newest_id), actors=int(row.actors), stored=int(row.stored))
 
 
 def is_snapshot(cursor: str | None) -> bool:
@@ -199,28 +224,37 @@ def prompts_after(engine: sa.Engine, model_version: str, after: str) -> int:
 
 @dataclass(frozen=True)
 class LiveRate:
-    """Counted ratings of one version (a rating without a credential never moves the guard)."""
+    """Counted ratings of one version by actor (a rating without a credential never moves the
+    guard): `ratings` is at most max_votes_per_actor an actor, and `negative` each actor's share
+    of negative ratings times its capped count, so one actor's many votes weigh as a few."""
 
     version: str
     ratings: int
-    negative: int
+    negative: float
+    actors: int = 0
 
     @property
     def negative_rate(self) -> float:
         return self.negative / self.ratings if self.ratings else 0.0
 
 
-def live_rate(engine: sa.Engine, version: str, since=None) -> LiveRate:
+def live_rate(engine: sa.Engine, version: str, since=None, max_votes_per_actor: int = 3) -> LiveRate:
     """Counted ratings of answers `version` served at or after `since` (its promotion; None: all),
     so a version is judged on its own time in production, not on stale ratings of old answers."""
     with engine.connect() as connection:
         row = connection.execute(
-            sa.text("SELECT count(*) AS ratings, count(*) FILTER (WHERE f.rating < 0) AS negative "
+            sa.text("WITH by_actor AS (SELECT f.actor, count(*) AS n, "
+                    "count(*) FILTER (WHERE f.rating < 0) AS bad "
                     "FROM feedback f JOIN request_log r USING (response_id) "
                     "WHERE f.counted AND r.model_version = :v "
-                    "AND (CAST(:since AS timestamptz) IS NULL OR r.created_at >= :since)"),
-            {"v": version, "since": since}).one()
-    return LiveRate(version=version, ratings=int(row.ratings), negative=int(row.negative))
+                    "AND (CAST(:since AS timestamptz) IS NULL OR r.created_at >= :since) "
+                    "GROUP BY f.actor) "
+                    "SELECT coalesce(sum(least(n, :cap)), 0) AS ratings, "
+                    "coalesce(sum(bad::float8 * least(n, :cap) / n), 0) AS negative, "
+                    "count(*) AS actors FROM by_actor"),
+            {"v": version, "since": since, "cap": max_votes_per_actor}).one()
+    return LiveRate(version=version, ratings=int(row.ratings), negative=float(row.negative),
+                    actors=int(row.actors))
 
 
 def uncurated_feedback(engine: sa.Engine, limit: int) -> pd.DataFrame:
