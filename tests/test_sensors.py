@@ -138,7 +138,8 @@ def test_one_actor_is_one_vote_however_many_tokens_it_holds(engine, instance):
     for person in range(5):
         serve(engine, "v2", ["q"] * 4, [-1] * 4, actor=f"key:person-{person}")
     result, _ = evaluate(feedback_sensor, instance)
-    assert isinstance(result, dg.SkipReason) and "18 counted negative votes from 6 actor(s)" in result.skip_message
+    assert isinstance(result, dg.SkipReason)
+    assert "18 counted negative votes from 6 actor(s)" in result.skip_message
     serve(engine, "v2", ["q"] * 3, [-1] * 3, actor="key:person-6")
     result, _ = evaluate(feedback_sensor, instance)
     assert isinstance(result, dg.RunRequest)
