@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sensors.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_loop.py
+	$(BIN)/python benchmarks/bench_canary_judge.py
 	$(BIN)/python benchmarks/results.py
 
 # The Dagster webserver and daemon in a process group of their own: stop on Ctrl-C and SIGTERM, also
