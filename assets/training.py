@@ -50,6 +50,7 @@ class FinetuneConfig(dg.Config):
     target_modules: list[str] = declared(FinetuneSettings, "target_modules")
     modules_to_save: list[str] | None = declared(FinetuneSettings, "modules_to_save")
     seed: int = declared(FinetuneSettings, "seed")
+    feedback_weight: int = declared(FinetuneSettings, "feedback_weight")
     warm_start: bool = declared(plan.WarmStartSettings, "warm_start")
     warm_start_steps: int = declared(plan.WarmStartSettings, "warm_start_steps")
     peak_tflops: float | None = Field(

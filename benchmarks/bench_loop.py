@@ -2,10 +2,11 @@
 daemon, against the stages' own compute.
 
 A platform of its own (LLMOPS_HOME in /tmp, its own ports) runs the main job (the first model is
-served), then the Dagster daemon (sensors on, as `make ui` runs them). A reviewer key then sends
-`feedback_threshold` down-votes with corrections (counted, and accepted as sent: new training
-data). Measured from the last rating acknowledged (the trigger) to: the retrain run created by
-feedback_sensor, the run started, each step, and a new model version answering /healthz.
+served), then the Dagster daemon (sensors on, as `make ui` runs them). Reviewer keys (7: one
+actor's votes count 3 times at most) then send `feedback_threshold` down-votes with corrections
+(counted, and accepted as sent: new training data). Measured from the last rating acknowledged
+(the trigger) to: the retrain run created by feedback_sensor, the run started, each step, and a
+new model version answering /healthz.
 Printed beside the stages' own compute (training steps, embedding, scoring) so the ratio shows
 the overhead. Goal (issue "fast loop"): at most 60 s on 2 CPU cores with the default model.
 
@@ -110,14 +111,20 @@ def main() -> int:
         from resources.loop_settings import LoopSettings
 
         cli._prepare_instance_env()
-        _, key = credentials.create_key(PostgresResource().engine(), "bench-reviewer", "reviewer",
-                                        created_by="bench_loop")
+        # One actor is one vote (at most max_votes_per_actor of each): the trigger needs reviewers
+        # enough for the threshold, and at least min_distinct_raters of them.
+        settings = LoopSettings()
+        reviewers = max(settings.min_distinct_raters,
+                        -(-settings.feedback_threshold // settings.max_votes_per_actor))
+        keys = [credentials.create_key(PostgresResource().engine(), f"bench-reviewer-{n}", "reviewer",
+                                       created_by="bench_loop")[1] for n in range(reviewers)]
         daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"],
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         time.sleep(20)  # the daemon's first sensor ticks (nothing to do yet), as on a live instance
 
-        threshold = LoopSettings().feedback_threshold
-        for question, intent, fields in QUESTIONS[:threshold]:
+        threshold = settings.feedback_threshold
+        for n, (question, intent, fields) in enumerate(QUESTIONS[:threshold]):
+            key = keys[n % len(keys)]
             answer = post(f"{url}/v1/generate", {"prompt": question}, key)
             stored = post(f"{url}/v1/feedback", {
                 "response_id": answer["response_id"], "rating": -1,

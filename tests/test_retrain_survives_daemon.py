@@ -106,9 +106,12 @@ def test_a_retrain_killed_with_the_daemon_is_retried_and_served(platform, tmp_pa
     try:
         daemon = services.start("daemon", str(BIN / "dagster-daemon"), "run", "-w",
                                 str(REPO / "workspace.yaml"))
-        # The trigger: counted down-votes with corrections from a reviewer (accepted as sent).
-        _, key = credentials.create_key(engine, "retrain-test-reviewer", "reviewer", created_by="test")
-        for question, intent, fields in QUESTIONS[:LoopSettings().feedback_threshold]:
+        # The trigger: counted down-votes with corrections from 7 reviewers (accepted as sent; one
+        # actor's votes count 3 times at most, and the sensor needs 5 actors).
+        keys = [credentials.create_key(engine, f"retrain-test-reviewer-{n}", "reviewer",
+                                       created_by="test")[1] for n in range(7)]
+        for n, (question, intent, fields) in enumerate(QUESTIONS[:LoopSettings().feedback_threshold]):
+            key = keys[n % len(keys)]
             answer = post(f"{ray_serve.url()}/v1/generate", {"prompt": question}, key)
             stored = post(f"{ray_serve.url()}/v1/feedback", {
                 "response_id": answer["response_id"], "rating": -1,

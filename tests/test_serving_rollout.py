@@ -73,14 +73,16 @@ def test_feedback_retrains_and_a_new_model_rolls_out_under_load_then_rolls_back(
     load = Traffic(question(url), RATE_PER_S, workers=16, min_requests=MIN_REQUESTS,
                    max_requests=6 * MIN_REQUESTS).start()
 
-    # A shop front-end asks with its client key and passes each answer's feedback token to the
-    # person, who rates it down with a correction; a reviewer accepts all but one.
-    _, client_key = credentials.create_key(engine, "shop-frontend", "client", created_by="test")
+    # Five shop front-ends ask with their client keys and pass each answer's feedback token to the
+    # person, who rates it down with a correction; a reviewer accepts all but one. A token's rating
+    # belongs to the key that asked: five actors, at most 2 votes each.
+    client_keys = [credentials.create_key(engine, f"shop-frontend-{n}", "client", created_by="test")[1]
+                   for n in range(5)]
     _, reviewer_key = credentials.create_key(engine, "alice", "reviewer", created_by="test")
     corrections = {}
     for number in range(9):
         answer = post(f"{url}/v1/generate", {"prompt": f"Hello, please cancel order A5{number}123."},
-                      key=client_key)
+                      key=client_keys[number % 5])
         correction = f"Order A5{number}123 is cancelled. The payment hold is released within 3 business days."
         stored = post(f"{url}/v1/feedback", {"response_id": answer["response_id"], "rating": -1,
                                              "correction": correction, "feedback_token":

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from llmops_dagster.training import checkpoints, launch
-from llmops_dagster.training.examples import IGNORE_INDEX, BatchOrder, encode_examples
+from llmops_dagster.training.examples import IGNORE_INDEX, BatchOrder, encode_examples, sampling_weights
 
 
 def test_overrides_and_schedule_follow_the_typed_config():
@@ -83,6 +83,19 @@ def test_batch_order_is_the_same_after_a_resume():
         resumed.indices(s, r) for s in range(30) for r in range(2)]
     epoch = sorted(i for s in range(6) for r in range(2) for i in first.indices(s, r))[:48]
     assert len(set(epoch)) == 48  # no example twice within an epoch
+
+
+def test_weighted_order_draws_a_correction_its_weight_an_epoch(tmp_path):
+    path = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"q{i}", "completion": "a", "feedback_id": 7 if i == 3 else None} for i in range(10)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    weights = sampling_weights(str(path), feedback_weight=6)
+    assert weights == [1, 1, 1, 6, 1, 1, 1, 1, 1, 1]
+    order = BatchOrder(n_examples=10, micro_batch=3, world_size=1, seed=1, weights=weights)
+    epoch = [i for step in range(5) for i in order.indices(step, 0)]  # 15 draws: one epoch
+    assert sorted(epoch) == sorted(order.pool) and epoch.count(3) == 6
+    with pytest.raises(ValueError, match="weights: 9 for 10"):
+        BatchOrder(n_examples=10, micro_batch=3, world_size=1, seed=1, weights=weights[:9])
 
 
 def test_only_marked_checkpoints_count(tmp_path):

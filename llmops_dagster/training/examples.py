@@ -46,12 +46,27 @@ def encode_records(records, tokenizer, seq_len: int):
     return {"input_ids": ids, "attention_mask": mask.long(), "labels": labels}
 
 
+def sampling_weights(path: str, feedback_weight: int) -> list[int]:
+    """Draws per epoch of each record of a prompt-set file: `feedback_weight` for a record made
+    from an accepted correction (a feedback_id), 1 for the rest."""
+    from llmops_dagster.prompts.templates import read_records
+
+    return [feedback_weight if record.get("feedback_id") is not None else 1
+            for record in read_records(path)]
+
+
 class BatchOrder:
     """Which examples each rank sees at each micro-batch: a fresh seeded permutation an epoch, so a
-    resumed run sees exactly the batches the uninterrupted run would have seen."""
+    resumed run sees exactly the batches the uninterrupted run would have seen. With `weights`,
+    example i appears weights[i] times in an epoch (its draws are spread by the permutation)."""
 
-    def __init__(self, n_examples: int, micro_batch: int, world_size: int, seed: int):
-        self.n, self.micro, self.world, self.seed = n_examples, micro_batch, world_size, seed
+    def __init__(self, n_examples: int, micro_batch: int, world_size: int, seed: int,
+                 weights: list[int] | None = None):
+        if weights is not None and len(weights) != n_examples:
+            raise ValueError(f"weights: {len(weights)} for {n_examples} examples")
+        self.pool = ([i for i, weight in enumerate(weights) for _ in range(weight)]
+                     if weights is not None else list(range(n_examples)))
+        self.n, self.micro, self.world, self.seed = len(self.pool), micro_batch, world_size, seed
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -59,7 +74,7 @@ class BatchOrder:
 
         if epoch not in self._perms:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perms[epoch] = torch.randperm(self.n, generator=generator).tolist()
+            self._perms[epoch] = [self.pool[i] for i in torch.randperm(self.n, generator=generator).tolist()]
         return self._perms[epoch]
 
     def indices(self, micro_step: int, rank: int) -> list[int]:

@@ -6,13 +6,19 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from llmops_dagster.prompts.templates import SPLIT_FILES, PromptSetVersion
 from llmops_dagster.training import launch
 from llmops_dagster.training.base_model import BaseModelProduct
-from llmops_dagster.training.run_config import DEFAULTS_BY_KIND, RunConfig, read_history, write_run_config
+from llmops_dagster.training.run_config import (
+    DEFAULTS_BY_KIND,
+    FinetuneSettings,
+    RunConfig,
+    read_history,
+    write_run_config,
+)
 
 RUN_FILE = "train_config.json"
 SUMMARY_FILE = "summary.json"
@@ -149,8 +155,8 @@ def plan_finetune(settings: dict, inputs: FinetuneInputs, warm_from: WarmStartSo
         eval_file=str(prompts / SPLIT_FILES["eval"]),
         output_dir=str(version_dir(version)),
         deepspeed_config=deepspeed_config,
-        **{name: settings[name] for name in ("target_modules", "lora_r", "lora_alpha", "lora_dropout",
-                                             "modules_to_save", "seq_len", "checkpoint_every", "seed")},
+        # Every fine-tune setting as asked; max_steps is this run's (a warm start's own steps).
+        **{f.name: settings[f.name] for f in fields(FinetuneSettings) if f.name != "max_steps"},
         max_steps=steps,
         lineage=inputs.lineage,
         init_adapter=warm_from.adapter_path if warm_from else None,

@@ -55,6 +55,12 @@ class FinetuneSettings:
         "kind: the output layer for the scratch model (randomly initialized, its output layer must "
         "be learned), none for a pretrained one."})
     seed: int = field(default=0, metadata={"ge": 0, "help": "Seed of LoRA init and batch order."})
+    # A warm-started retrain draws ~1,600 rows (200 steps x 8) from ~2,400: at weight 1 an accepted
+    # correction is seen less than once and its answer does not change (measured:
+    # tests/test_corrections_teach.py, README "How feedback becomes training").
+    feedback_weight: int = field(default=16, metadata={
+        "ge": 1, "le": 1000, "help": "Times a training row made from an accepted correction is "
+        "drawn an epoch, against once for a source row (a sampling weight)."})
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmops_dagster.training.examples import BatchOrder, encode_examples, evaluate_loss
+from llmops_dagster.training.examples import BatchOrder, encode_examples, evaluate_loss, sampling_weights
 from llmops_dagster.training.run_config import RunConfig, read_history
 
 # Testing hook: a crash at an exact point, which a real fault cannot be made to produce on cue.
@@ -212,7 +212,11 @@ def train(config: RunConfig) -> None:
         tag, start_step = resume
         engine.load_checkpoint(str(ckpt_root), tag=tag)
         reporter.log.info(f"resumed from checkpoint {tag} (global step {start_step})")
-    order = BatchOrder(len(data["input_ids"]), config.micro_batch, world, config.seed)
+    weights = sampling_weights(config.train_file, config.feedback_weight)
+    order = BatchOrder(len(data["input_ids"]), config.micro_batch, world, config.seed, weights)
+    if len(weights) < order.n:
+        reporter.log.info(f"{sum(w > 1 for w in weights)} rows from accepted corrections, each drawn "
+                          f"{config.feedback_weight} times an epoch ({order.n} draws an epoch)")
     reporter.log.info(
         f"training {config.max_steps} steps on {world} ranks ({device}): micro batch "
         f"{config.micro_batch} x grad accum {config.grad_accum} x {world} ranks = "
