@@ -8,9 +8,10 @@ DeepSpeed, at LoopSettings' retrain steps and the default feedback_weight), and 
 greedy answers, scored as the eval report scores them. Its own artifact root under tmp_path.
 
 Paraphrases keep the question's key words in other words around them; their rate is printed (see
-MIN_CORRECTED). The ten questions are outside the default data (facts the model was never told); a reviewer key
-sends each correction, accepted as it arrives. A correction whose prompt the dataset's hash split
-puts in the eval split is held out, as it should be, and is not expected to be learned.
+MIN_CORRECTED). The ten questions are outside the default data (facts the model was never told);
+a reviewer key sends each correction, accepted as it arrives. A correction whose prompt the
+dataset's hash split puts in the eval split is held out, as it should be, and is not expected to
+be learned.
 """
 
 import dagster as dg
