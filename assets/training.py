@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.base_model import SCRATCH, BaseModelConfig, base_model, upstream_base_model  # noqa: F401
+from assets.preferences import preference_dataset, upstream_preferences
 from assets.prompts import prompt_set
 from llmops_dagster.governance import registry
 from llmops_dagster.infra.instance import TRAINER_POOL
@@ -51,6 +52,9 @@ class FinetuneConfig(dg.Config):
     modules_to_save: list[str] | None = declared(FinetuneSettings, "modules_to_save")
     seed: int = declared(FinetuneSettings, "seed")
     feedback_weight: int = declared(FinetuneSettings, "feedback_weight")
+    preference_steps: int = declared(FinetuneSettings, "preference_steps")
+    dpo_beta: float = declared(FinetuneSettings, "dpo_beta")
+    min_preference_pairs: int = declared(FinetuneSettings, "min_preference_pairs")
     warm_start: bool = declared(plan.WarmStartSettings, "warm_start")
     warm_start_steps: int = declared(plan.WarmStartSettings, "warm_start_steps")
     peak_tflops: float | None = Field(
@@ -61,8 +65,8 @@ class FinetuneConfig(dg.Config):
 
 
 # One fine-tune at a time on an instance: `llmops` gives this pool one slot (instance.py).
-@dg.asset(**stage_definition("training"), deps=[prompt_set, base_model], kinds={"deepspeed", "pytorch"},
-          pool=TRAINER_POOL)
+@dg.asset(**stage_definition("training"), deps=[prompt_set, base_model, preference_dataset],
+          kinds={"deepspeed", "pytorch"}, pool=TRAINER_POOL)
 def finetuned_checkpoint(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,
@@ -73,7 +77,8 @@ def finetuned_checkpoint(
     """A LoRA fine-tune under DeepSpeed in N processes: checkpoints, adapter and merged model."""
     inputs = plan.FinetuneInputs.from_products(
         upstream_base_model(context), upstream_record(context, prompt_set, database.engine(),
-                                                      templates.recorded_prompt_set))
+                                                      templates.recorded_prompt_set),
+        upstream_preferences(context))
     settings = plan.settings_for_base(config.model_dump(), inputs.base_model_kind)
     warm_from = (plan.warm_start_source(registry.production(database.engine()), inputs, settings)
                  if config.warm_start else None)
@@ -113,7 +118,10 @@ def finetune_metadata(instance: dg.DagsterInstance, finetune: plan.FinetunePlan,
     return {
         **lineage_metadata(instance, {
             "base_model": lineage["base_model_version"], "prompt_set": lineage["prompt_set_version"],
-            "validated_dataset": lineage["dataset_version"]}),
+            "validated_dataset": lineage["dataset_version"],
+            **({"preference_dataset": lineage["preference_set_version"]}
+               if "preference_set_version" in lineage else {})}),
+        "preference_steps": finetune.run.preference_steps,  # 0: no preference step
         "version": finetune.version,
         **lineage,
         "path": dg.MetadataValue.path(str(output)),

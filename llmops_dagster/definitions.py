@@ -2,7 +2,17 @@
 
 import dagster as dg
 
-from assets import base_model, dataset, evaluation, feedback, governance, prompts, serving, training
+from assets import (
+    base_model,
+    dataset,
+    evaluation,
+    feedback,
+    governance,
+    preferences,
+    prompts,
+    serving,
+    training,
+)
 from llmops_dagster.infra.settings import port_from_env
 from llmops_dagster.serving import ray_cluster
 from resources.artifacts import ArtifactStore
@@ -36,7 +46,7 @@ defs = dg.Definitions(
     # in a per-step executor (dagster-k8s's k8s_job_executor) here.
     executor=dg.in_process_executor,
     assets=dg.load_assets_from_modules(
-        [dataset, base_model, prompts, training, evaluation, governance, serving, feedback]
+        [dataset, base_model, prompts, training, evaluation, governance, serving, feedback, preferences]
     ),
     jobs=[main_job, retrain_job, deploy_job, rollback_job],
     schedules=[nightly_retrain_schedule()],

@@ -10,6 +10,7 @@ import pytest
 
 from assets.training import FinetuneConfig
 from llmops_dagster.evaluation.contenders import choose_contenders
+from llmops_dagster.feedback.preferences import PreferenceSetProduct
 from llmops_dagster.prompts.templates import PromptSetVersion
 from llmops_dagster.training import launch, plan
 from llmops_dagster.training.base_model import BaseModelProduct
@@ -70,7 +71,8 @@ def test_plan_hashes_a_fresh_init_without_the_warm_start_settings(tiny_model, tm
                                     lambda v: tmp_path / v)
     assert fresh.version == asked_warm.version and fresh.steps == 800
     hashed = {k: v for k, v in settings().items()
-              if k not in (*launch.DeepSpeedOverrides.__dataclass_fields__, "warm_start", "warm_start_steps")}
+              if k not in (*launch.DeepSpeedOverrides.__dataclass_fields__, "warm_start", "warm_start_steps",
+                           *plan.PREFERENCE_SETTINGS)}
     assert fresh.version == launch.run_version({**base.lineage, **hashed,
                                                 "deepspeed": fresh.run.deepspeed_config})
     source = plan.WarmStartSource("prod", "/adapters/prod")
@@ -82,6 +84,23 @@ def test_plan_hashes_a_fresh_init_without_the_warm_start_settings(tiny_model, tm
     assert (fresh.run.train_file, fresh.run.eval_file) == ("/prompts/1/train.jsonl", "/prompts/1/eval.jsonl")
     assert fresh.run.lineage == {"base_model_version": "base-1", "prompt_set_version": "prompts-1",
                                  "dataset_version": "data-1"}
+
+
+def test_a_preference_step_only_with_enough_pairs(tiny_model, tmp_path):
+    """20 pairs or more add the preference step: its steps after the supervised ones in the LR
+    schedule, the pairs file in the run file, the preference set in the lineage and the version;
+    fewer pairs leave the fine-tune exactly as without a preference set."""
+    base = inputs(str(tiny_model))
+    without = plan.plan_finetune(settings(), base, None, 1, lambda v: tmp_path / v)
+    few = dataclasses.replace(base, preferences=PreferenceSetProduct("pref-1", "/preferences/1", 19))
+    assert plan.plan_finetune(settings(), few, None, 1, lambda v: tmp_path / v).version == without.version
+    enough = dataclasses.replace(base, preferences=PreferenceSetProduct("pref-2", "/preferences/2", 20))
+    planned = plan.plan_finetune(settings(), enough, None, 1, lambda v: tmp_path / v)
+    assert planned.version != without.version and planned.run.preference_steps == 50
+    assert planned.run.preference_file == "/preferences/2/pairs.jsonl"
+    assert planned.run.lineage["preference_set_version"] == "pref-2"
+    assert planned.run.deepspeed_config["scheduler"]["params"]["total_num_steps"] == 800 + 50
+    assert without.run.preference_steps == 0 and without.run.preference_file is None
 
 
 def test_plan_refuses_settings_that_cannot_work(tiny_model, tmp_path):

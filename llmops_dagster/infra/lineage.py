@@ -37,11 +37,11 @@ class UpstreamProduct:
 
 
 def upstream_product(context: dg.AssetExecutionContext, asset: dg.AssetsDefinition | dg.AssetKey,
-                     ) -> UpstreamProduct:
+                     required: bool = True) -> UpstreamProduct | None:
     """The product of `asset` this asset builds on: the one this run materialized when the run
     includes `asset` (so two concurrent runs never mix products), else the version Dagster records
-    as `asset`'s current data version (logged, with the run that made it); a dg.Failure naming
-    `asset` when there is neither."""
+    as `asset`'s current data version (logged, with the run that made it); when there is neither,
+    a dg.Failure naming `asset`, or None (logged) for an input that is not `required`."""
     key = asset if isinstance(asset, dg.AssetKey) else asset.key
     name = key.to_user_string()
     materialization = _materialized_in_run(context, key)
@@ -52,6 +52,9 @@ def upstream_product(context: dg.AssetExecutionContext, asset: dg.AssetsDefiniti
         if event is not None:
             source = f"Dagster's current data version of {name} (run {event.run_id[:8]})"
     version = materialization.tags.get(DATA_VERSION_TAG) if materialization is not None else None
+    if (materialization is None or version is None) and not required:
+        context.log.info(f"{name} was never materialized: this asset builds without it")
+        return None
     if materialization is None or version is None:
         raise dg.Failure(
             f"{name} has no data version to build on: it was not materialized in this run and has "

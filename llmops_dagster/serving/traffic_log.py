@@ -439,9 +439,22 @@ def accepted_corrections(engine: sa.Engine, max_rows: int | None) -> pd.DataFram
         )
 
 
+def rated_answers(engine: sa.Engine, limit: int) -> pd.DataFrame:
+    """The newest `limit` counted ratings with their answers, oldest first (feedback_id, prompt,
+    context as JSON text, answer, rating, correction, review_state, actor): preference data."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT * FROM (SELECT f.id AS feedback_id, r.prompt, r.context::text AS context, "
+                    "r.response AS answer, f.rating, f.correction, f.review_state, f.actor "
+                    "FROM feedback f JOIN request_log r USING (response_id) WHERE f.counted "
+                    "ORDER BY f.id DESC LIMIT :limit) newest ORDER BY feedback_id"),
+            connection, params={"limit": limit})
+
+
 def review_state_counts(engine: sa.Engine) -> list[tuple[str, int]]:
     """(review state, corrections) for each state present."""
     with engine.connect() as connection:
         return connection.execute(sa.text(
             "SELECT review_state, count(*) FROM feedback WHERE review_state IS NOT NULL "
             "GROUP BY review_state")).all()
+

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from llmops_dagster.feedback.preferences import PAIRS_FILE, PreferenceSetProduct
 from llmops_dagster.prompts.templates import SPLIT_FILES, PromptSetVersion
 from llmops_dagster.training import launch
 from llmops_dagster.training.base_model import BaseModelProduct
@@ -29,6 +30,8 @@ LORA_SHAPE = ("lora_r", "lora_alpha", "target_modules", "modules_to_save")
 # Settings left out of the version hash: a fresh init hashes without them, so that a retrain on
 # unchanged data reproduces production's version; a warm start hashes its own steps and source.
 UNHASHED = (*launch.DeepSpeedOverrides.__dataclass_fields__, "warm_start", "warm_start_steps")
+# Hashed only when the fine-tune has a preference step: without one they change nothing it makes.
+PREFERENCE_SETTINGS = ("preference_steps", "dpo_beta", "min_preference_pairs")
 
 
 @dataclass(kw_only=True)
@@ -56,14 +59,22 @@ class FinetuneInputs:
     prompt_set_version: str
     prompt_set_path: str
     dataset_version: str
+    preferences: PreferenceSetProduct | None = None  # the preference step's pairs, when any
 
     @classmethod
-    def from_products(cls, base: BaseModelProduct, prompts: PromptSetVersion) -> FinetuneInputs:
-        """The inputs from the base model's product and the prompt set's recorded version."""
+    def from_products(cls, base: BaseModelProduct, prompts: PromptSetVersion,
+                      preferences: PreferenceSetProduct | None = None) -> FinetuneInputs:
+        """The inputs from the base model's product, the prompt set's recorded version and the
+        preference set (None: not part of this fine-tune)."""
         return cls(base_model_version=base.version, base_model_path=base.path,
                    base_model_kind=base.kind, base_model_parameters=base.parameters,
                    prompt_set_version=prompts.version, prompt_set_path=prompts.path,
-                   dataset_version=prompts.dataset_version)
+                   dataset_version=prompts.dataset_version, preferences=preferences)
+
+    def uses_preferences(self, settings: dict) -> bool:
+        """Whether the fine-tune adds the preference step: enough pairs, and steps asked for."""
+        return (self.preferences is not None and settings["preference_steps"] > 0
+                and self.preferences.pairs >= settings["min_preference_pairs"])
 
     @property
     def lineage(self) -> dict[str, str]:
@@ -94,8 +105,10 @@ def warm_start_source(production, inputs: FinetuneInputs, settings: dict) -> War
     fresh init instead of training production further on what it has already learned)."""
     if production is None or production.base_model_version != inputs.base_model_version:
         return None
-    if (production.dataset_version, production.prompt_set_version) == (
-            inputs.dataset_version, inputs.prompt_set_version):
+    preference_version = inputs.preferences.version if inputs.uses_preferences(settings) else None
+    if (production.dataset_version, production.prompt_set_version,
+            production.train_config.get("lineage", {}).get("preference_set_version")) == (
+            inputs.dataset_version, inputs.prompt_set_version, preference_version):
         return None
     if any(production.train_config.get(name) != settings[name] for name in LORA_SHAPE):
         return None
@@ -136,6 +149,9 @@ def plan_finetune(settings: dict, inputs: FinetuneInputs, warm_from: WarmStartSo
     `version_dir(version)`. Every setting that can be known wrong is checked here, before a process
     starts: a launch.TrainingConfigError or base_model.BaseModelError names it."""
     steps = settings["warm_start_steps"] if warm_from else settings["max_steps"]
+    preference_steps = settings["preference_steps"] if inputs.uses_preferences(settings) else 0
+    lineage = {**inputs.lineage, **({"preference_set_version": inputs.preferences.version}
+                                    if preference_steps else {})}
     # num_processes is the world size, split over the trainer's nodes (a deployment setting).
     launch.check_settings(inputs.base_model_path,
                           launch.ranks_per_node(settings["num_processes"], nodes),
@@ -143,11 +159,12 @@ def plan_finetune(settings: dict, inputs: FinetuneInputs, warm_from: WarmStartSo
     overrides = launch.DeepSpeedOverrides(**{
         name: settings[name] for name in launch.DeepSpeedOverrides.__dataclass_fields__})
     deepspeed_config = launch.resolve_deepspeed_config(
-        launch.load_deepspeed_config(settings["deepspeed_config"]), overrides, steps)
-    hashed = {k: v for k, v in settings.items() if k not in UNHASHED}
+        launch.load_deepspeed_config(settings["deepspeed_config"]), overrides, steps + preference_steps)
+    hashed = {k: v for k, v in settings.items() if k not in UNHASHED
+              and (preference_steps or k not in PREFERENCE_SETTINGS)}
     if warm_from:
         hashed.update(max_steps=steps, init_adapter_version=warm_from.version)
-    version = launch.run_version({**inputs.lineage, **hashed, "deepspeed": deepspeed_config})
+    version = launch.run_version({**lineage, **hashed, "deepspeed": deepspeed_config})
     prompts = Path(inputs.prompt_set_path)
     run = RunConfig(
         base_model=inputs.base_model_path,
@@ -156,9 +173,12 @@ def plan_finetune(settings: dict, inputs: FinetuneInputs, warm_from: WarmStartSo
         output_dir=str(version_dir(version)),
         deepspeed_config=deepspeed_config,
         # Every fine-tune setting as asked; max_steps is this run's (a warm start's own steps).
-        **{f.name: settings[f.name] for f in fields(FinetuneSettings) if f.name != "max_steps"},
+        **{f.name: settings[f.name] for f in fields(FinetuneSettings)
+           if f.name not in ("max_steps", "preference_steps")},
         max_steps=steps,
-        lineage=inputs.lineage,
+        preference_steps=preference_steps,
+        preference_file=(str(Path(inputs.preferences.path) / PAIRS_FILE) if preference_steps else None),
+        lineage=lineage,
         init_adapter=warm_from.adapter_path if warm_from else None,
     )
     return FinetunePlan(version=version, steps=steps, run=run, warm_from=warm_from)

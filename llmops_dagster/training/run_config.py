@@ -58,6 +58,15 @@ class FinetuneSettings:
     # A warm-started retrain draws ~1,600 rows (200 steps x 8) from ~2,400: at weight 1 an accepted
     # correction is seen less than once and its answer does not change (measured:
     # tests/test_corrections_teach.py, README "How feedback becomes training").
+    preference_steps: int = field(default=50, metadata={
+        "ge": 0, "le": 100_000, "help": "Optimizer steps of the preference step (DPO on the "
+        "preference_dataset's pairs) after the supervised steps, when the set has at least "
+        "min_preference_pairs pairs; 0: never."})
+    dpo_beta: float = field(default=0.1, metadata={
+        "gt": 0.0, "le": 10.0, "help": "DPO's beta: how far the preference step may move from the "
+        "supervised model (larger: closer to it)."})
+    min_preference_pairs: int = field(default=20, metadata={
+        "ge": 1, "help": "Pairs a preference set needs before a fine-tune adds the preference step."})
     feedback_weight: int = field(default=16, metadata={
         "ge": 1, "le": 1000, "help": "Times a training row made from an accepted correction is "
         "drawn an epoch, against once for a source row (a sampling weight)."})
@@ -72,6 +81,9 @@ class RunConfig(FinetuneSettings):
     output_dir: str
     deepspeed_config: dict
     eval_file: str | None = None
+    # pairs.jsonl of the preference set the preference step trains on (None: no preference step;
+    # preference_steps is then 0 in the run file)
+    preference_file: str | None = None
     lineage: dict = field(default_factory=dict)  # dataset / prompt-set / base-model versions
     # An adapter folder (a fine-tune of the same base model, same LoRA settings) the LoRA weights
     # start from: a retrain continues where production is. None: a fresh LoRA init.

@@ -136,6 +136,61 @@ def save_checkpoint(engine, root: Path, step: int, rank: int, reporter: Reporter
     dist.barrier()
 
 
+def preference_phase(engine, config: RunConfig, tokenizer, start_step: int, rank: int,
+                     reporter: Reporter, attempt: str) -> dict:
+    """The preference step (preference_step.py): config.preference_steps optimizer steps of DPO on
+    the pairs of config.preference_file, numbered after the supervised steps, checkpointed and
+    resumed as they are; what it reached (rank 0's summary entries)."""
+    import torch
+    import torch.distributed as dist
+
+    from llmops_dagster.feedback.preferences import read_pairs
+    from llmops_dagster.training import preference_step as dpo
+
+    output, world, device = Path(config.output_dir), dist.get_world_size(), engine.device
+    total = config.max_steps + config.preference_steps
+    pairs = read_pairs(config.preference_file)
+    chosen, rejected = dpo.encode_pairs(pairs, tokenizer, config.seq_len)
+    reference = dpo.reference_logps(engine, chosen, rejected, output, device)
+    if rank == 0 and not (output / dpo.REFERENCE_FILE).exists():
+        dpo.save_reference(*reference, output)
+    dist.barrier()
+    order = BatchOrder(len(pairs), config.micro_batch, world, config.seed)
+    reporter.log.info(f"preference step: {config.preference_steps} DPO steps on {len(pairs)} pairs "
+                      f"(beta {config.dpo_beta})")
+    pending: list[list[float]] = []
+    for step in range(max(start_step, config.max_steps) + 1, total + 1):
+        began, losses, tokens = time.perf_counter(), [], 0
+        for micro in range(config.grad_accum):
+            index = order.indices((step - config.max_steps - 1) * config.grad_accum + micro, rank)
+            good = {k: v[index].to(device) for k, v in chosen.items()}
+            bad = {k: v[index].to(device) for k, v in rejected.items()}
+            loss, _ = dpo.dpo_loss(dpo.sequence_logps(engine, good), dpo.sequence_logps(engine, bad),
+                                   reference[0][index].to(device), reference[1][index].to(device),
+                                   config.dpo_beta)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+            tokens += int(good["attention_mask"].sum() + bad["attention_mask"].sum())
+        pending.append([step, sum(losses) / len(losses), float(tokens), time.perf_counter() - began,
+                        engine.get_lr()[0]])
+        if step % METRICS_EVERY == 0 or step % config.checkpoint_every == 0 or step == total:
+            flush_metrics(pending, world, rank, attempt, output / "metrics.jsonl", reporter, total)
+            pending = []
+        if step % config.checkpoint_every == 0 or step == total:
+            save_checkpoint(engine, output / "deepspeed", step, rank, reporter)
+    with torch.no_grad():
+        everything = list(range(len(pairs)))
+        _, accuracy = dpo.dpo_loss(
+            dpo.sequence_logps(engine, {k: v[everything].to(device) for k, v in chosen.items()}),
+            dpo.sequence_logps(engine, {k: v[everything].to(device) for k, v in rejected.items()}),
+            reference[0].to(device), reference[1].to(device), config.dpo_beta)
+    reporter.log.info(f"preference step done: the chosen answer preferred on {float(accuracy):.0%} "
+                      f"of {len(pairs)} pairs")
+    return {"preference_steps": config.preference_steps, "preference_pairs": len(pairs),
+            "preference_accuracy": float(accuracy)}
+
+
 def export_products(engine, config: RunConfig, tokenizer, rank: int, reporter: Reporter) -> dict:
     """Adapter and merged model from rank 0 (parameters gathered first under ZeRO-3)."""
     import deepspeed
@@ -250,15 +305,19 @@ def train(config: RunConfig) -> None:
         if step % config.checkpoint_every == 0 or step == config.max_steps:
             save_checkpoint(engine, ckpt_root, step, rank, reporter)
 
+    preference = (preference_phase(engine, config, tokenizer, start_step, rank, reporter, attempt)
+                  if config.preference_steps else {})
     wall = time.perf_counter() - started
     products = export_products(engine, config, tokenizer, rank, reporter)
     if rank == 0:
         history = read_history(metrics_path)
         this_run = [h for h in history if h["attempt"] == attempt] or history[-1:]
+        supervised = [h for h in history if h["step"] <= config.max_steps] or history[-1:]
         summary = {
-            "global_step": config.max_steps,
+            "global_step": config.max_steps + config.preference_steps,
             "resumed_from_step": start_step,
-            "final_loss": history[-1]["loss"],
+            "final_loss": supervised[-1]["loss"],  # the supervised steps' (the preference step's below)
+            **preference,
             "tokens_per_s": sum(h["tokens"] for h in this_run) / sum(h["seconds"] for h in this_run),
             "wall_seconds": wall,
             "world_size": world,
