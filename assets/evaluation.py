@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.training import finetune_record, finetuned_checkpoint
-from llmops_dagster.evaluation import scoring
+from llmops_dagster.evaluation import complaints, scoring
 from llmops_dagster.evaluation.contenders import Contenders, choose_contenders
 from llmops_dagster.governance import registry
 from llmops_dagster.infra.lineage import eval_report_version, lineage_metadata, stage_definition
@@ -17,6 +17,7 @@ EvalSettings = scoring.EvalSettings
 class EvalConfig(dg.Config):
     max_examples: int = declared(EvalSettings, "max_examples")
     max_feedback_examples: int = declared(EvalSettings, "max_feedback_examples")
+    max_complaint_examples: int = declared(EvalSettings, "max_complaint_examples")
     max_new_tokens: int = declared(EvalSettings, "max_new_tokens")
     batch_size: int = declared(EvalSettings, "batch_size")
     bootstrap_samples: int = declared(EvalSettings, "bootstrap_samples")
@@ -28,17 +29,21 @@ def eval_report(
     context: dg.AssetExecutionContext, config: EvalConfig, database: PostgresResource
 ) -> dg.MaterializeResult:
     """Candidate vs champion vs base on the held-out split: loss, EM, token F1, slices, latency.
-    The main numbers are on the trusted split; feedback-derived examples are a slice of their own."""
+    The main numbers are on the trusted split; feedback-derived examples are a slice of their own,
+    and so are the production model's down-voted answers (the complaint slice)."""
     candidate = finetune_record(context)
     engine = database.engine()
+    production = registry.production(engine)
     contenders = choose_contenders(candidate.version, candidate.merged_model_path,
-                                   candidate.run.base_model, registry.production(engine))
+                                   candidate.run.base_model, production)
+    complained = complaints.read_examples(engine, production, candidate, config.max_complaint_examples)
     context.log.info(f"progress: scoring {', '.join(contenders.models)} on up to {config.max_examples} "
-                     f"eval examples and {config.max_feedback_examples} feedback examples")
+                     f"eval examples, {config.max_feedback_examples} feedback examples and "
+                     f"{len(complained.examples)} complaint examples")
     report = scoring.evaluate(
         contenders.models, candidate.run.eval_file, config.max_examples, config.max_new_tokens,
         candidate.run.seq_len, config.bootstrap_samples, config.seed, config.max_feedback_examples,
-        config.batch_size,
+        config.batch_size, complaints=complained,
     )
     for line in report.progress_lines():
         context.log.info(line)

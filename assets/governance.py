@@ -31,6 +31,9 @@ class ApprovalConfig(dg.Config):
     margin: float = declared(policy.Policy, "margin")
     min_slice_exact_match: float = declared(policy.Policy, "min_slice_exact_match")
     require_trusted_no_regression: bool = declared(policy.Policy, "require_trusted_no_regression")
+    min_complaint_improvement: float = declared(policy.Policy, "min_complaint_improvement")
+    min_complaint_examples: int = declared(policy.Policy, "min_complaint_examples")
+    require_improvement: bool = declared(ApprovalRequest, "require_improvement")
     approve_version: str = declared(ApprovalRequest, "approve_version")
     approver: str = declared(ApprovalRequest, "approver")
 
@@ -45,7 +48,8 @@ class ApprovalConfig(dg.Config):
 def approved_model(
     context: dg.AssetExecutionContext, config: ApprovalConfig, database: PostgresResource
 ) -> dg.MaterializeResult:
-    """The production model: a candidate that passed the policy (and a person, in human mode)."""
+    """The production model: a candidate that passed the policy (and a person, in human mode);
+    with require_improvement (the loop's retrains) only one that improves the complaint slice."""
     engine = database.engine()
     try:
         approval.check_mode(config.request())
@@ -57,21 +61,30 @@ def approved_model(
         metadata = ({"decision": dg.MetadataValue.md(approval.decision_markdown(refusal.decision, True))}
                     if refusal.decision is not None else None)
         raise dg.Failure(description=str(refusal), metadata=metadata) from None
-    version = outcome.version
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(version.version),
-        tags={"llmops/model_version": version.version},
-        metadata={
-            **lineage_metadata(context.instance, {
-                k: v for k, v in model_lineage_versions(engine, version).items()
-                if k != "approved_model"}),
-            "version": version.version,
-            "stage": version.stage,
-            "change": outcome.change,
-            "approver": version.approver or "-",
-            "eval_report_id": report["id"],
-            "decision": dg.MetadataValue.md(approval.decision_markdown(outcome.decision)),
-            "registry": dg.MetadataValue.md(approval.registry_markdown(engine)),
-            "merged_model_path": dg.MetadataValue.path(version.merged_model_path),
-        },
+        data_version=dg.DataVersion(outcome.version.version),
+        tags={"llmops/model_version": outcome.version.version},
+        metadata=approval_metadata(context.instance, engine, outcome, report["id"]),
     )
+
+
+def approval_metadata(instance: dg.DagsterInstance, engine, outcome: approval.ApprovalOutcome,
+                      report_id: int) -> dict:
+    """approved_model's metadata: the production version now (after a "no improvement", the one
+    that stays), its lineage, the decision, why and the complaint slice's figures, the registry."""
+    version = outcome.version
+    return {
+        **lineage_metadata(instance, {k: v for k, v in model_lineage_versions(engine, version).items()
+                                      if k != "approved_model"}),
+        "version": version.version,
+        "stage": version.stage,
+        "change": outcome.change,
+        "candidate_version": outcome.candidate or version.version,
+        **({"reason": outcome.reason} if outcome.reason else {}),
+        **outcome.figures,
+        "approver": version.approver or "-",
+        "eval_report_id": report_id,
+        "decision": dg.MetadataValue.md(approval.decision_markdown(outcome.decision)),
+        "registry": dg.MetadataValue.md(approval.registry_markdown(engine)),
+        "merged_model_path": dg.MetadataValue.path(version.merged_model_path),
+    }

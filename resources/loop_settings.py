@@ -1,10 +1,16 @@
 """Thresholds and windows of the automation that closes the loop (typed; the sensors read them)."""
 
+import copy
+
 import dagster as dg
 from pydantic import Field
 
 from llmops_dagster.infra.settings import declared_default
 from llmops_dagster.training.plan import WarmStartSettings
+
+# The loop's retrains (sensors and the nightly schedule) promote a new version only when it improves
+# what users complained about (approved_model.require_improvement); a person's run need not.
+RETRAIN_APPROVAL = {"approved_model": {"config": {"require_improvement": True}}}
 
 
 class LoopSettings(dg.ConfigurableResource):
@@ -49,14 +55,17 @@ class LoopSettings(dg.ConfigurableResource):
         "the first request; each run is also retried by the daemon (retrain job's dagster/max_retries).")
 
     def retrain_run_config(self) -> dict:
-        """The run config of a sensor's retrain: a warm start for retrain_steps, checkpointed every
-        quarter of them (a retry after a dead run worker loses at most a quarter), or {} (the
-        asset's defaults: FinetuneSettings.max_steps and checkpoint_every)."""
-        if not self.retrain_warm_start:
-            return {}
-        return {"ops": {"finetuned_checkpoint": {"config": {
-            "warm_start": True, "warm_start_steps": self.retrain_steps,
-            "checkpoint_every": max(1, self.retrain_steps // 4)}}}}
+        """The run config of a sensor's retrain: approved_model promotes only an improvement on the
+        complaint slice (RETRAIN_APPROVAL), and the fine-tune is a warm start for retrain_steps,
+        checkpointed every quarter of them (a retry after a dead run worker loses at most a
+        quarter), or at the asset's defaults (FinetuneSettings.max_steps and checkpoint_every)
+        when retrain_warm_start is off."""
+        ops = copy.deepcopy(RETRAIN_APPROVAL)
+        if self.retrain_warm_start:
+            ops["finetuned_checkpoint"] = {"config": {
+                "warm_start": True, "warm_start_steps": self.retrain_steps,
+                "checkpoint_every": max(1, self.retrain_steps // 4)}}
+        return {"ops": ops}
 
     def drift_test(self) -> dict:
         """The drift test's settings, as signals.check_production_drift takes them."""

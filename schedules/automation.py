@@ -17,7 +17,7 @@ from llmops_dagster.loop import runs, signals
 from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
-from resources.loop_settings import LoopSettings
+from resources.loop_settings import RETRAIN_APPROVAL, LoopSettings
 from resources.serving import RayServeResource
 from schedules.jobs import RETRAIN_JOBS, SERVING_JOBS, deploy_job, retrain_job, rollback_job
 
@@ -26,11 +26,13 @@ RECONCILE_RETRY_S = 600  # a failed reconciling deploy is requested again after 
 
 
 def nightly_retrain_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
-    """Retrain the training path every night at 02:00 in `timezone` (an IANA name)."""
+    """Retrain the training path every night at 02:00 in `timezone` (an IANA name); the new
+    version is promoted only when it improves the complaint slice (require_improvement)."""
     return dg.ScheduleDefinition(
         name="nightly_retrain", job=retrain_job, cron_schedule="0 2 * * *",
         execution_timezone=timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Nightly retraining of the training path.",
+        run_config={"ops": RETRAIN_APPROVAL},
+        description="Nightly retraining of the training path; promoted only on improvement.",
     )
 
 

@@ -1,5 +1,5 @@
 """A requested retrain is never lost: the daemon that launched it is killed, process group and all,
-in the middle of its fine-tune, and started again; the retrain still ends served.
+in the middle of its fine-tune, and started again; the retrain still ends, evaluated and judged.
 
 The first model is trained, approved and served in this process (the main job, the default model
 at fewer steps). Then the real daemon, started as a process group of its own on the
@@ -9,7 +9,9 @@ has written a complete DeepSpeed checkpoint, the daemon's group gets SIGKILL: th
 with it, and its training stops too (the trainer's launchers get SIGTERM when the worker dies).
 Started again, the daemon's run monitoring finds the worker gone and fails the run; run retries
 re-execute it from the failure: finished steps reused, the fine-tune resumed from its checkpoint,
-then evaluated, approved and served.
+then evaluated and judged: as a loop retrain it is promoted only on an improvement of the
+complaint slice, and with every corrected question in its train split there is none to measure, so
+production stays served.
 
 Touches: a platform database and a Dagster database (PostgreSQL storage, dagster.yaml as `llmops`
 writes it) of its own on the session's server, DAGSTER_HOME under tmp_path, the session's artifact
@@ -167,9 +169,13 @@ def test_a_retrain_killed_with_the_daemon_is_retried_and_served(platform, tmp_pa
             finetune = materialized(instance, retry.run_id, "finetuned_checkpoint")
             assert finetune["path"] == str(folder) and finetune["resumed_from_step"] >= step
             assert finetune["global_step"] == LoopSettings().retrain_steps
-        production = registry.production(engine).version
-        assert production == finetune["version"] != served
-        assert ray_serve.served_version() == production
+            approved = materialized(instance, retry.run_id, "approved_model")
+        # The retrain is a loop's (require_improvement): every corrected question hashed into its
+        # train split, so no complaint is held out to improve on ("no new signal") and production
+        # stays what is served.
+        assert approved["change"] == "no improvement" and "no new signal" in approved["reason"]
+        assert registry.get(engine, finetune["version"]).stage == "rejected"
+        assert registry.production(engine).version == served == ray_serve.served_version()
     finally:
         left = services.stop()
     assert not left, f"processes left after the daemon stopped: {left}"

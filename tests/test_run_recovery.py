@@ -111,7 +111,7 @@ def test_feedback_sensor_requests_a_window_again_after_a_dead_worker_only(engine
         error=None, failure_reason=RunFailureReason.STEP_FAILURE))
     result, _ = evaluate(feedback_sensor, instance, cursor)
     assert isinstance(result, dg.SkipReason)  # its own code failed: not requested a third time
-    assert "new counted negative ratings" in result.skip_message
+    assert "counted negative votes" in result.skip_message
 
 
 def test_a_window_is_requested_at_most_max_requests_times(engine, instance):  # noqa: F811

@@ -5,7 +5,8 @@ Owns the table eval_reports: every statement on it is here.
 The eval split has two parts. The trusted split (records without a feedback_id) gives the main
 metrics, the per-slice metrics and the comparison the policy gates on. The feedback slice (records
 made from people's corrections of served answers) is scored on its own, with its own comparison,
-so corrections cannot hide a regression on the trusted examples, nor be hidden by them.
+so corrections cannot hide a regression on the trusted examples, nor be hidden by them. The
+complaint slice (complaints.py: down-voted answers of the production model) is scored beside them.
 
 Every model is loaded through `from_pretrained` from a local folder and answers each eval prompt
 with greedy decoding, one request at a time, as a served model would.
@@ -26,6 +27,7 @@ import pandas as pd
 
 MAIN_METRIC = "token_f1"
 FEEDBACK_SLICE = "feedback_slice"  # key of the feedback slice inside the stored comparison
+COMPLAINT_SLICE = "complaint_slice"  # key of the complaint slice (complaints.py) inside it
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -40,6 +42,10 @@ class EvalSettings:
     max_feedback_examples: int = field(default=200, metadata={
         "help": "Feedback-derived eval records scored as their own slice (the first N with a "
         "feedback_id)."})
+    max_complaint_examples: int = field(default=200, metadata={
+        "help": "Complaint examples scored (complaints.py): the newest distinct prompts behind "
+        "counted down-votes of the production model's answers, before those in the candidate's "
+        "train split are left out."})
     max_new_tokens: int = field(default=48, metadata={"help": "Longest generated answer (tokens)."})
     batch_size: int = field(default=16, metadata={
         "ge": 1, "help": "Records answered together (greedy, left-padded: the same answers as one "
@@ -192,6 +198,8 @@ class EvalReport:
     comparison: dict | None  # trusted split: paired bootstrap on MAIN_METRIC, candidate - champion
     feedback_scores: dict[str, ModelScores] = field(default_factory=dict)  # {} without examples
     feedback_comparison: dict | None = None  # the same bootstrap on the feedback slice
+    complaint_slice: dict | None = None  # complaints.summarize; None: not scored
+    complaint_generation_s: float = 0.0  # seconds the models spent answering the complaint slice
 
     def metrics(self) -> dict:
         return {role: s.summary() for role, s in self.scores.items()}
@@ -206,8 +214,9 @@ class EvalReport:
         return len(self.feedback_scores["candidate"].per_example) if self.feedback_scores else 0
 
     def generation_s(self) -> float:
-        """Seconds every model spent generating, on both parts of the split."""
-        return sum(s.generation_s for s in [*self.scores.values(), *self.feedback_scores.values()])
+        """Seconds every model spent generating, on both parts of the split and the complaint slice."""
+        return self.complaint_generation_s + sum(
+            s.generation_s for s in [*self.scores.values(), *self.feedback_scores.values()])
 
     def progress_lines(self) -> list[str]:
         """One line a model: examples scored, token F1 on the trusted split, generation time."""
@@ -222,19 +231,23 @@ class EvalReport:
         return lines
 
     def stored_comparison(self) -> dict:
-        """The comparison column: the trusted bootstrap's keys ({} without a champion), and under
+        """The comparison column: the trusted bootstrap's keys ({} without a champion), under
         FEEDBACK_SLICE the slice's examples, metrics by role and bootstrap (None without a champion
-        or examples). Read it back with `read_comparison`."""
-        return {**(self.comparison or {}),
-                FEEDBACK_SLICE: {"examples": self.feedback_examples(),
-                                 "metrics": self.feedback_metrics(),
-                                 "comparison": self.feedback_comparison}}
+        or examples), and under COMPLAINT_SLICE the complaint slice when it was scored. Read it
+        back with `read_comparison` and complaints.read_slice."""
+        stored = {**(self.comparison or {}),
+                  FEEDBACK_SLICE: {"examples": self.feedback_examples(),
+                                   "metrics": self.feedback_metrics(),
+                                   "comparison": self.feedback_comparison}}
+        if self.complaint_slice is not None:
+            stored[COMPLAINT_SLICE] = self.complaint_slice
+        return stored
 
 
 def read_comparison(stored: dict) -> tuple[dict | None, dict]:
     """(trusted bootstrap or None, feedback slice) from a stored report's comparison column; a
     report stored before the feedback slice existed reads as one with no feedback examples."""
-    trusted = {k: v for k, v in stored.items() if k != FEEDBACK_SLICE}
+    trusted = {k: v for k, v in stored.items() if k not in (FEEDBACK_SLICE, COMPLAINT_SLICE)}
     feedback = stored.get(FEEDBACK_SLICE) or {"examples": 0, "metrics": {}, "comparison": None}
     return trusted or None, feedback
 
@@ -242,22 +255,34 @@ def read_comparison(stored: dict) -> tuple[dict | None, dict]:
 def evaluate(models: dict[str, str], eval_file: str | Path, max_examples: int, max_new_tokens: int,
              seq_len: int, bootstrap_samples: int, seed: int,
              max_feedback_examples: int = EvalSettings.max_feedback_examples,
-             batch_size: int = EvalSettings.batch_size) -> EvalReport:
+             batch_size: int = EvalSettings.batch_size, *, complaints=None) -> EvalReport:
     """Score every model (role -> folder) on the same trusted records and, when the eval split has
-    any, the same feedback-derived records; compare candidate to champion on each."""
+    any, the same feedback-derived records; compare candidate to champion on each. `complaints`
+    (complaints.Complaints, or None: not scored): the candidate and champion answer its examples
+    too, summarized as the report's complaint slice."""
+    from llmops_dagster.evaluation import complaints as complaint_module
+
     records, feedback = load_eval_records(eval_file, max_examples, max_feedback_examples)
     if not records:
         raise ValueError(f"the eval split {eval_file} has no trusted records: nothing to evaluate on")
-    scores, feedback_scores = {}, {}
+    complaint_records = complaints.records() if complaints is not None else []
+    scores, feedback_scores, complaint_answers, complaint_s = {}, {}, {}, 0.0
     for role, path in models.items():
         loaded = load_model(path)
         scores[role] = score_model(role, path, records, max_new_tokens, seq_len, loaded, batch_size)
         if feedback:
             feedback_scores[role] = score_model(role, path, feedback, max_new_tokens, seq_len, loaded,
                                                 batch_size)
+        if complaint_records and role in complaint_module.ROLES:
+            scored = score_model(role, path, complaint_records, max_new_tokens, seq_len, loaded, batch_size)
+            complaint_s += scored.generation_s
+            complaint_answers[role] = scored.per_example["prediction"].tolist()
     return EvalReport(scores=scores, comparison=compare(scores, bootstrap_samples, seed),
                       feedback_scores=feedback_scores,
-                      feedback_comparison=compare(feedback_scores, bootstrap_samples, seed))
+                      feedback_comparison=compare(feedback_scores, bootstrap_samples, seed),
+                      complaint_slice=(None if complaints is None
+                                       else complaint_module.summarize(complaints, complaint_answers)),
+                      complaint_generation_s=complaint_s)
 
 
 def store_report(engine, report: EvalReport, candidate_version: str, champion_version: str | None,
@@ -347,15 +372,18 @@ def difference_text(comparison: dict | None, missing: str) -> str:
 
 
 # Entries of `report_summary` that are markdown (tables, a plot).
-MARKDOWN_ENTRIES = ("metrics", "feedback_slice_metrics", "token_f1_per_slice", "exact_match_per_slice",
-                    "plot")
+MARKDOWN_ENTRIES = ("metrics", "feedback_slice_metrics", "complaint_slice_metrics", "token_f1_per_slice",
+                    "exact_match_per_slice", "plot")
 
 
 def report_summary(report: EvalReport, batch_size: int) -> dict:
     """The report's headline numbers, texts and markdown (MARKDOWN_ENTRIES), in the order a reader
     takes them in: the candidate on the trusted split, against the champion, then the feedback
-    slice, then per slice."""
+    slice, the complaint slice, then per slice."""
+    from llmops_dagster.evaluation import complaints
+
     metrics, slices = report.metrics(), report.slices()
+    complaint_slice = complaints.read_slice({COMPLAINT_SLICE: report.complaint_slice})
     feedback_metrics = report.feedback_metrics()
     return {
         "examples": metrics["candidate"]["examples"],
@@ -376,6 +404,9 @@ def report_summary(report: EvalReport, batch_size: int) -> dict:
             "no champion" if feedback_metrics else "no feedback examples"),
         "feedback_slice_metrics": (metrics_markdown(feedback_metrics) if feedback_metrics
                                    else "No feedback-derived examples in the eval split."),
+        "complaint_slice_examples": complaint_slice["examples"],
+        "complaint_slice": complaints.figures_text(complaint_slice),
+        "complaint_slice_metrics": complaints.metrics_markdown(complaint_slice),
         "token_f1_per_slice": slices_markdown(slices),
         "exact_match_per_slice": slices_markdown(slices, "exact_match"),
         "plot": slices_plot_markdown(slices),

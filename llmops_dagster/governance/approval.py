@@ -1,6 +1,7 @@
 """The approval flow between an evaluated candidate and production: register the candidate, judge
 it by the policy, wait for a person in human mode, promote it; a typed outcome, or a refusal that
-says why."""
+says why. A loop retrain (require_improvement) that passes the policy but does not improve the
+complaint slice is an outcome too ("no improvement"): rejected in the registry, production kept."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from llmops_dagster.evaluation import scoring
+from llmops_dagster.evaluation import complaints, scoring
 from llmops_dagster.governance import policy, registry
 
 MODES = ("automatic", "human")
@@ -27,6 +28,11 @@ class ApprovalRequest:
         "`llmops models approve`)."})
     approver: str = field(default="", metadata={
         "help": "Who approves approve_version (required with it)."})
+    require_improvement: bool = field(default=False, metadata={
+        "help": "Promote only a candidate that improves the complaint slice by "
+        "min_complaint_improvement over production (the loop's retrains set it: the feedback and "
+        "drift sensors and the nightly schedule); otherwise it is rejected as 'no improvement', "
+        "production and the served model stay, and the materialization succeeds."})
 
 
 class ApprovalRefused(Exception):
@@ -38,11 +44,17 @@ class ApprovalRefused(Exception):
         self.decision = decision
 
 
+NO_IMPROVEMENT = "no improvement"  # the change of a candidate kept out by require_improvement
+
+
 @dataclass(frozen=True)
 class ApprovalOutcome:
     version: registry.ModelVersion  # the production version now
-    change: str  # "promoted" or "no change (already production)"
+    change: str  # "promoted", "no change (already production)" or NO_IMPROVEMENT
     decision: policy.Decision
+    candidate: str = ""  # the version judged
+    reason: str = ""  # why (NO_IMPROVEMENT: policy.Improvement.reason)
+    figures: dict = field(default_factory=dict)  # the complaint slice's, when it was judged
 
 
 def check_mode(request: ApprovalRequest) -> None:
@@ -55,7 +67,9 @@ def approve(engine, request: ApprovalRequest, rules: policy.Policy, candidate, r
     """Register `candidate` (a training.plan.FinetuneRecord) with its eval report `report` (an
     eval_reports row), judge it by `rules` and the upstream checks that failed, and promote it
     (automatic mode, or human mode with the person's approval in `request`); ApprovalRefused
-    otherwise. A rejected candidate is marked rejected in the registry."""
+    otherwise. A rejected candidate is marked rejected in the registry. With
+    `request.require_improvement`, a candidate that passes the policy but does not improve the
+    complaint slice is the NO_IMPROVEMENT outcome (`_improvement`), not a refusal."""
     check_mode(request)
     if report["candidate_version"] != candidate.version:
         raise ApprovalRefused(f"the latest eval_report judged {report['candidate_version']}, not the "
@@ -71,10 +85,13 @@ def approve(engine, request: ApprovalRequest, rules: policy.Policy, candidate, r
     decision = policy.judge(rules, report["metrics"]["candidate"], comparison, failed_checks,
                             feedback_comparison=feedback_slice["comparison"],
                             candidate_slices=(report["slices"] or {}).get("candidate"))
+    kept = _improvement(engine, request, rules, version, report, decision)
     if not decision.passed:
         if version.stage == "candidate":
             registry.reject(engine, version.version, actor="policy", reason=decision.message())
         raise ApprovalRefused(f"candidate {version.version} rejected: {decision.message()}", decision)
+    if kept is not None:
+        return kept
     if request.mode == "human" and version.stage != "production":
         version = _approved_by_person(engine, request, version, report["id"])
     change = "no change (already production)" if version.stage == "production" else "promoted"
@@ -84,7 +101,39 @@ def approve(engine, request: ApprovalRequest, rules: policy.Policy, candidate, r
                                        reason=f"passed the policy (report {report['id']})")
         except registry.RegistryError as error:  # a rolled-back version: only a person
             raise ApprovalRefused(str(error)) from None
-    return ApprovalOutcome(version=version, change=change, decision=decision)
+    return ApprovalOutcome(version=version, change=change, decision=decision, candidate=version.version)
+
+
+def _improvement(engine, request: ApprovalRequest, rules: policy.Policy, version: registry.ModelVersion,
+                 report: dict, decision: policy.Decision) -> ApprovalOutcome | None:
+    """With require_improvement and a production version: the NO_IMPROVEMENT outcome of a
+    candidate that does not improve the complaint slice (policy.improvement; its rule joins
+    `decision`'s checks), after rejecting it in the registry when it passed the other rules and is
+    a candidate; None when it improves, or the rule does not apply (a person's run, a first model).
+    The production version itself (a retrain on unchanged data) is no improvement either, with
+    nothing changed in the registry."""
+    production = registry.production(engine)
+    if not request.require_improvement or production is None:
+        return None
+    complaint_slice = complaints.read_slice(report["comparison"])
+    judged = complaint_slice["champion_version"]
+    if judged is not None and judged != production.version:  # production changed since
+        raise ApprovalRefused(f"eval report {report['id']} measured the complaint slice on {judged}, "
+                              f"not on the production version {production.version}: materialize "
+                              "eval_report again")
+    verdict = policy.improvement(rules, complaint_slice)
+    if production.version == version.version:
+        verdict = policy.Improvement(False, f"{policy.NO_IMPROVEMENT}the candidate is the production "
+                                     f"version {version.version} already (a retrain that reproduced it)",
+                                     verdict.figures, {"rule": "a new version", "value": version.version,
+                                                       "threshold": "not production", "passed": False})
+    decision.checks.append(verdict.check)
+    if verdict.improved:
+        return None
+    if decision.passed and version.stage == "candidate":
+        registry.reject(engine, version.version, actor="policy", reason=verdict.reason)
+    return ApprovalOutcome(version=production, change=NO_IMPROVEMENT, decision=decision,
+                           candidate=version.version, reason=verdict.reason, figures=verdict.figures)
 
 
 def _approved_by_person(engine, request: ApprovalRequest, version: registry.ModelVersion,

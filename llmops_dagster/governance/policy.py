@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmops_dagster.evaluation import complaints
 from llmops_dagster.evaluation.scoring import lowest_slice
+
+NO_IMPROVEMENT = "no improvement: "  # how the reason of a candidate refused by `improvement` starts
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,17 @@ class Policy:
         "help": "Gate on the trusted eval split alone and report the feedback-derived slice for "
         "information; when false, the candidate must not regress by more than margin on the "
         "feedback slice either (when it has examples)."})
+    min_complaint_improvement: float = field(default=0.1, metadata={
+        "help": "With approved_model.require_improvement (the loop's retrains): the candidate's "
+        "`fixed` share on the complaint slice (down-voted answers of production it answers "
+        "differently, with the accepted correction when there is one) minus the champion's must "
+        "be at least this, on at least min_complaint_examples examples; otherwise the candidate "
+        "is rejected as 'no improvement' and production stays. 0.1: one more complaint in ten "
+        "fixed."})
+    min_complaint_examples: int = field(default=5, metadata={
+        "ge": 1, "help": "Fewest complaint examples (held out from the candidate's training) "
+        "on which the loop's retrain can show an improvement; fewer is no new signal: no new "
+        "version."})
 
 
 @dataclass
@@ -87,3 +101,46 @@ def judge(policy: Policy, candidate: dict, comparison: dict | None,
                                 "threshold": "passed", "passed": False})
     decision.passed = not decision.failures
     return decision
+
+
+@dataclass(frozen=True)
+class Improvement:
+    """Whether a candidate improves on the champion where users complained (`improvement`)."""
+
+    improved: bool
+    reason: str  # starts with NO_IMPROVEMENT when not improved
+    figures: dict  # examples, fixed by role, difference, thresholds
+    check: dict  # the rule as a row of Decision.checks
+
+
+def improvement(policy: Policy, complaint_slice: dict) -> Improvement:
+    """The rule of a loop retrain: candidate `fixed` minus champion `fixed` on the complaint slice
+    (complaints.read_slice) at least min_complaint_improvement, on at least min_complaint_examples
+    examples."""
+    difference = complaints.fixed_difference(complaint_slice)
+    metrics = complaint_slice.get("metrics") or {}
+    figures = {"complaint_examples": complaint_slice["examples"],
+               "candidate_fixed": (metrics.get("candidate") or {}).get("fixed"),
+               "champion_fixed": (metrics.get("champion") or {}).get("fixed"),
+               "fixed_difference": difference,
+               "min_complaint_improvement": policy.min_complaint_improvement,
+               "min_complaint_examples": policy.min_complaint_examples}
+    rule = "fixed vs champion on the complaint slice"
+    if complaint_slice["examples"] < policy.min_complaint_examples or difference is None:
+        reason = NO_IMPROVEMENT + (
+            f"no new signal: {complaint_slice['examples']} complaint examples held out from the "
+            f"candidate's training, fewer than min_complaint_examples {policy.min_complaint_examples}"
+            if complaint_slice["examples"] < policy.min_complaint_examples
+            else "the champion was not scored on the complaint slice")
+        return Improvement(False, reason, figures, {
+            "rule": f"complaint examples (at least {policy.min_complaint_examples})",
+            "value": complaint_slice["examples"], "threshold": policy.min_complaint_examples,
+            "passed": False})
+    improved = difference >= policy.min_complaint_improvement - 1e-9  # shares are rounded to 4 places
+    reason = (f"fixed {figures['candidate_fixed']:.4f} (candidate) vs {figures['champion_fixed']:.4f} "
+              f"(champion) on {complaint_slice['examples']} complaint examples: {difference:+.4f}, "
+              f"{'at least' if improved else 'below'} min_complaint_improvement "
+              f"{policy.min_complaint_improvement:.4f}")
+    return Improvement(improved, reason if improved else NO_IMPROVEMENT + reason, figures,
+                       {"rule": rule, "value": difference, "threshold": policy.min_complaint_improvement,
+                        "passed": improved})

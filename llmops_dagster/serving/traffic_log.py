@@ -458,3 +458,18 @@ def review_state_counts(engine: sa.Engine) -> list[tuple[str, int]]:
             "SELECT review_state, count(*) FROM feedback WHERE review_state IS NOT NULL "
             "GROUP BY review_state")).all()
 
+def complaints(engine: sa.Engine, model_version: str, limit: int) -> pd.DataFrame:
+    """The newest `limit` distinct prompts (with their earlier turns) behind counted down-votes of
+    answers `model_version` served, newest first: each with its down-voted answer and the accepted
+    correction when one of its down-votes has one (complaints.read_examples). Per prompt, the
+    newest down-vote with an accepted correction, else the newest down-vote."""
+    with engine.connect() as connection:
+        return pd.read_sql_query(
+            sa.text("SELECT * FROM (SELECT DISTINCT ON (r.prompt, r.context::text) f.id AS feedback_id, "
+                    "r.prompt, r.context::text AS context, r.response AS answer, "
+                    "CASE WHEN f.review_state = 'accepted' THEN f.correction END AS correction "
+                    "FROM feedback f JOIN request_log r USING (response_id) "
+                    "WHERE f.counted AND f.rating < 0 AND r.model_version = :version "
+                    "ORDER BY r.prompt, r.context::text, (f.review_state = 'accepted') IS TRUE DESC, "
+                    "f.id DESC) newest ORDER BY feedback_id DESC LIMIT :limit"),
+            connection, params={"version": model_version, "limit": limit})
