@@ -100,7 +100,8 @@ def test_accepted_corrections_change_the_next_models_answers(corrected, tmp_path
     result = dg.materialize([feedback_table, raw_examples, validated_dataset, prompt_set, base_model,
                              finetuned_checkpoint],
                             resources=resources, instance=instance,
-                            run_config=LoopSettings().retrain_run_config())
+                            run_config={"ops": {"finetuned_checkpoint": LoopSettings().retrain_run_config()[
+                                "ops"]["finetuned_checkpoint"]}})
     assert result.success
     [event] = result.asset_materializations_for_node("finetuned_checkpoint")
     record = plan.FinetuneRecord.read(event.tags[DATA_VERSION_TAG], event.metadata["path"].value)
