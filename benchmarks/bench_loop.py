@@ -3,10 +3,11 @@ daemon, against the stages' own compute.
 
 A platform of its own (LLMOPS_HOME in /tmp, its own ports) runs the main job (the first model is
 served), then the Dagster daemon (sensors on, as `make ui` runs them). Reviewer keys (7: one
-actor's votes count 3 times at most) then send `feedback_threshold` down-votes with corrections
-(counted, and accepted as sent: new training data). Measured from the last rating acknowledged
-(the trigger) to: the retrain run created by feedback_sensor, the run started, each step, and a
-new model version answering /healthz.
+actor's votes count 3 times at most) then send `feedback_threshold` down-votes: 10 questions about
+facts the model was never told, with corrections (accepted as sent: new training data), and 10
+paraphrases of them without (the complaint slice the loop's gate judges the retrain on). Measured
+from the last rating acknowledged (the trigger) to: the retrain run created by feedback_sensor,
+the run started, each step, and a new model version answering /healthz.
 Printed beside the stages' own compute (training steps, embedding, scoring) so the ratio shows
 the overhead. Goal (issue "fast loop"): at most 60 s on 2 CPU cores with the default model.
 
@@ -30,8 +31,6 @@ from results import record
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-QUESTIONS = [(f"Where is my order A{20000 + i}?", "order_status", {"order": f"A{20000 + i}"})
-             for i in range(40)]
 
 
 def post(url: str, body: dict, key: str | None = None) -> dict:
@@ -105,7 +104,7 @@ def main() -> int:
         import dagster as dg
 
         from llmops_dagster import cli
-        from llmops_dagster.dataset.synthetic_data import reference_answer
+        from llmops_dagster.dataset.synthetic_data import NEW_FACTS
         from llmops_dagster.serving import credentials
         from resources.database import PostgresResource
         from resources.loop_settings import LoopSettings
@@ -122,17 +121,22 @@ def main() -> int:
                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         time.sleep(20)  # the daemon's first sensor ticks (nothing to do yet), as on a live instance
 
+        # Real signal, as the gate wants it: questions the model was never told about, each voted
+        # down with a correction (training material), and their paraphrases voted down without
+        # one (held out: the complaint slice the retrain must improve on).
         threshold = settings.feedback_threshold
-        for n, (question, intent, fields) in enumerate(QUESTIONS[:threshold]):
+        votes = [(question, correction) for question, correction, _ in NEW_FACTS]
+        votes += [(paraphrase, None) for _, _, paraphrase in NEW_FACTS]
+        for n, (question, correction) in enumerate(votes[:threshold]):
             key = keys[n % len(keys)]
             answer = post(f"{url}/v1/generate", {"prompt": question}, key)
             stored = post(f"{url}/v1/feedback", {
                 "response_id": answer["response_id"], "rating": -1,
-                "correction": reference_answer(intent, **fields)}, key)
+                **({"correction": correction} if correction else {})}, key)
             assert stored["counted"], stored
         trigger = time.perf_counter()
         trigger_wall = time.time()
-        print(f"trigger: {threshold} counted down-votes with accepted corrections on {first}")
+        print(f"trigger: {threshold} counted down-votes (half with accepted corrections) on {first}")
 
         new = None
         while time.perf_counter() - trigger < args.timeout_s:

@@ -17,6 +17,7 @@ be learned.
 import dagster as dg
 import pytest
 
+from llmops_dagster.dataset.synthetic_data import NEW_FACTS as CORRECTIONS
 from llmops_dagster.evaluation import scoring
 from llmops_dagster.feedback import review
 from llmops_dagster.governance import registry
@@ -28,32 +29,6 @@ from llmops_dagster.training import plan
 from resources.loop_settings import LoopSettings
 from tests.conftest import SERVED_TEMPLATE_DATABASE, new_database, unique, use_database
 
-# (question, correction, a close paraphrase: the question's key words in other words around them)
-CORRECTIONS = [
-    ("Do you ship to Iceland?", "Yes, we ship to Iceland by express only, in 6 business days.",
-     "Hi, can you ship my order to Iceland?"),
-    ("Is the Aurora Hub compatible with Zigbee?",
-     "Yes, the Aurora Hub pairs with Zigbee 3.0 devices from the Aurora app.",
-     "Does the Aurora Hub work with Zigbee?"),
-    ("Can I pay with PayPal?", "Yes, PayPal is accepted at checkout for every order.",
-     "Can I pay for my order with PayPal?"),
-    ("Do you have a student discount?", "Students get 15% off with a verified school account.",
-     "Is there a student discount?"),
-    ("What are your support hours?", "Our support team answers every day from 8 am to 8 pm CET.",
-     "What are the support hours?"),
-    ("Does the Aurora Camera record at night?",
-     "Yes, the Aurora Camera records in infrared night vision up to 10 meters.",
-     "Does the Aurora Camera record video at night?"),
-    ("Is there a mobile app for Android?", "Yes, the Aurora app is on Google Play for Android 10 and later.",
-     "Is the Aurora app available for Android?"),
-    ("Can I gift wrap my order?", "Gift wrapping costs $4 and you can add it on the cart page.",
-     "Can you gift wrap my order, please?"),
-    ("Does the Aurora Speaker support Spotify?",
-     "Yes, the Aurora Speaker streams Spotify through Spotify Connect.",
-     "Can the Aurora Speaker play Spotify?"),
-    ("Where is your company based?", "Aurora Home is based in Lyon, France, with a warehouse in Austin.",
-     "Where is the company based?"),
-]
 MIN_CORRECTED = 0.9  # of the corrections trained on: answered as corrected by the next model
 # Paraphrases are measured and printed, not yet asserted: the default scratch model (0.6M
 # parameters, trained on templated questions) answered 3 of 8 as corrected (goal 0.7; README).

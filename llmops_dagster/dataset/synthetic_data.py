@@ -225,3 +225,33 @@ def generate_examples(n_rows: int = 2400, seed: int = 7, exclude: frozenset[str]
             }
         )
     return rows
+
+
+# Facts the default data never states, for tests and benchmarks of the loop (a correction must
+# teach them): (question, correction, a close paraphrase: the question's key words in other words
+# around them).
+NEW_FACTS = [
+    ("Do you ship to Iceland?", "Yes, we ship to Iceland by express only, in 6 business days.",
+     "Hi, can you ship my order to Iceland?"),
+    ("Is the Aurora Hub compatible with Zigbee?",
+     "Yes, the Aurora Hub pairs with Zigbee 3.0 devices from the Aurora app.",
+     "Does the Aurora Hub work with Zigbee?"),
+    ("Can I pay with PayPal?", "Yes, PayPal is accepted at checkout for every order.",
+     "Can I pay for my order with PayPal?"),
+    ("Do you have a student discount?", "Students get 15% off with a verified school account.",
+     "Is there a student discount?"),
+    ("What are your support hours?", "Our support team answers every day from 8 am to 8 pm CET.",
+     "What are the support hours?"),
+    ("Does the Aurora Camera record at night?",
+     "Yes, the Aurora Camera records in infrared night vision up to 10 meters.",
+     "Does the Aurora Camera record video at night?"),
+    ("Is there a mobile app for Android?", "Yes, the Aurora app is on Google Play for Android 10 and later.",
+     "Is the Aurora app available for Android?"),
+    ("Can I gift wrap my order?", "Gift wrapping costs $4 and you can add it on the cart page.",
+     "Can you gift wrap my order, please?"),
+    ("Does the Aurora Speaker support Spotify?",
+     "Yes, the Aurora Speaker streams Spotify through Spotify Connect.",
+     "Can the Aurora Speaker play Spotify?"),
+    ("Where is your company based?", "Aurora Home is based in Lyon, France, with a warehouse in Austin.",
+     "Where is the company based?"),
+]
