@@ -6,6 +6,8 @@ observed) -> feedback_table -> validated_dataset -> ... -> serving_deployment; p
 dataset_embeddings -> production_drift.
 """
 
+import warnings
+
 import dagster as dg
 from pydantic import Field
 
@@ -18,19 +20,30 @@ from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
 
+# Observing a product that is written outside Dagster needs multi_observable_source_asset, beta in
+# Dagster 1.13: its BetaWarning would come before every `llmops` command's answer.
+warnings.filterwarnings("ignore", category=dg.BetaWarning,
+                        message="Function `multi_observable_source_asset` is currently in beta")
+
 
 @dg.multi_observable_source_asset(
     specs=[dg.AssetSpec(
         "production_traffic", **stage_definition("feedback"), kinds={"postgres"},
         description="Production traffic: every answer the served model gave (request_log) and "
         "every rating people sent (feedback), written by the serving app. Observed, not "
-        "materialized: its data version moves when new answers or ratings arrive.",
+        "materialized (every minute by the traffic_observation sensor): its data version moves "
+        "when new answers or ratings arrive.",
     )],
     required_resource_keys={"database"},
 )
 def production_traffic(context):
-    counts = traffic_log.traffic_counts(context.resources.database.engine())
-    yield dg.ObserveResult(
+    yield traffic_observation(context.resources.database.engine())
+
+
+def traffic_observation(engine) -> dg.ObserveResult:
+    """production_traffic's data version and metadata: the answers and ratings logged so far."""
+    counts = traffic_log.traffic_counts(engine)
+    return dg.ObserveResult(
         asset_key="production_traffic",
         data_version=dg.DataVersion(f"answers-{counts['requests']}-ratings-{counts['ratings']}"),
         metadata={"answers": counts["requests"], "ratings": counts["ratings"],

@@ -9,6 +9,7 @@ from assets.prompts import prompt_set
 from llmops_dagster.governance import registry
 from llmops_dagster.infra.instance import TRAINER_POOL
 from llmops_dagster.infra.lineage import (
+    REUSED,
     lineage_metadata,
     stage_definition,
     upstream_product,
@@ -93,7 +94,8 @@ def finetuned_checkpoint(
     except (launch.TrainingConfigError, base_models.BaseModelError) as error:
         raise dg.Failure(description=str(error)) from error
     reported_steps = 0
-    if finetune.complete:
+    reused = finetune.complete
+    if reused:
         context.log.info(f"fine-tune {finetune.version} is complete already; reusing it")
         context.log.info(f"progress: reusing the complete fine-tune {finetune.version}: no training")
     else:
@@ -106,13 +108,14 @@ def finetuned_checkpoint(
     return dg.MaterializeResult(
         data_version=dg.DataVersion(finetune.version),
         tags={"llmops/model_version": finetune.version},
-        metadata=finetune_metadata(context.instance, finetune, summary, reported_steps),
+        metadata=finetune_metadata(context.instance, finetune, summary, reported_steps, reused),
     )
 
 
 def finetune_metadata(instance: dg.DagsterInstance, finetune: plan.FinetunePlan,
-                      summary: plan.TrainingSummary, reported_steps: int) -> dict:
-    """finetuned_checkpoint's metadata: lineage, products, the ranks' summary and the loss curve."""
+                      summary: plan.TrainingSummary, reported_steps: int, reused: bool) -> dict:
+    """finetuned_checkpoint's metadata: lineage, products, the ranks' summary and the loss curve;
+    `reused`: the fine-tune was complete already and this materialization trained nothing."""
     lineage = finetune.run.lineage
     output = finetune.output
     return {
@@ -141,6 +144,7 @@ def finetune_metadata(instance: dg.DagsterInstance, finetune: plan.FinetunePlan,
         "mfu": round(summary.mfu, 4) if summary.mfu is not None else "set peak_tflops",
         "wall_seconds": round(summary.wall_seconds, 1),
         "steps_reported_via_pipes": reported_steps,
+        REUSED: reused,  # True: a link to this version opens the materialization that trained it
         "warm_start_from": finetune.warm_from.version if finetune.warm_from else "fresh LoRA init",
         "loss_curve": dg.MetadataValue.md(loss_curve_markdown(plan.history(output))),
     }

@@ -9,7 +9,8 @@
     llmops status                the registry's production version, the served one, runs in flight
     llmops quarantine [-n N]     the newest quarantined rows with their reasons
     llmops trace RESPONSE_ID [--html FILE]   a served answer back to its model, prompt set, dataset
-                                 and rows; --html also writes it as a page linked to the Dagster UI
+                                 and the training rows nearest to its question; --html also writes
+                                 it as a page linked to the Dagster UI `llmops ui` serves
     llmops models list           registered model versions, newest first
     llmops models show VERSION   one version's fields and its audit log
     llmops models approve VERSION [--by NAME] [--reason TEXT]   promote it to production
@@ -144,6 +145,7 @@ def cmd_status(_: argparse.Namespace) -> int:
               f"({promotion.actor}: {promotion.reason[:80]})")
     print(f"served        {served or 'nothing answers'} at {serve.url()}")
     agree = promotion is not None and served == promotion.version
+    _print_feedback_status(engine, promotion)
     _prepare_instance_env()
     with dg.DagsterInstance.get() as instance:
         pending = runs.in_flight(instance, SERVING_JOBS)
@@ -156,6 +158,27 @@ def cmd_status(_: argparse.Namespace) -> int:
         print("agreement     " + ("yes" if agree else "NO: serving_reconciler requests a deploy "
                                   "(or run `llmops run --job deploy`)"))
     return 0 if agree or promotion is None else 1
+
+
+def _print_feedback_status(engine: sa.Engine, promotion) -> None:
+    """Ratings (stored, counted, and counted on the production version since its promotion) and
+    corrections by review state."""
+    from llmops_dagster.feedback import curation
+    from llmops_dagster.serving import traffic_log
+    from resources.loop_settings import LoopSettings
+
+    counts = traffic_log.traffic_counts(engine)
+    since = ""
+    if promotion is not None:  # as rollback_guard judges it: at most max_votes_per_actor an actor
+        cap = LoopSettings().max_votes_per_actor
+        live = traffic_log.live_rate(engine, promotion.version, since=promotion.at, max_votes_per_actor=cap)
+        since = (f"; {live.ratings} counted on {promotion.version} since its promotion "
+                 f"({live.negative:g} negative, from {live.actors} raters, at most {cap} each)")
+    print(f"ratings       {counts['ratings']} stored, {counts['counted_ratings']} counted (sent with "
+          f"a credential){since}")
+    reviews = curation.review_counts(engine)
+    print(f"reviews       {reviews['pending']} corrections waiting for review (llmops feedback review); "
+          f"{reviews['accepted']} accepted, {reviews['rejected']} rejected")
 
 
 # Markdown tables worth reading in a terminal: the eval table, the policy decision, the registry.
@@ -260,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if response_id is None:
             return 0
         print("\n== llmops trace " + response_id + " ==")
-        return cmd_trace(argparse.Namespace(response_id=response_id, rows=5, html="", ui_url=""))
+        return cmd_trace(argparse.Namespace(response_id=response_id, rows=5, html="", ui_url=None))
     return 0
 
 
@@ -523,13 +546,30 @@ def _add_trust_parsers(commands) -> None:
     answers.add_argument("--by", type=person, help="who purges (default: $USER)")
 
 
+def _ui_url(given: str | None) -> str:
+    """The Dagster UI a trace page links to: --ui-url, else $LLMOPS_DAGSTER_UI_URL, else the
+    read-only UI a running `llmops ui` recorded, else make ui's default address."""
+    from llmops_dagster.infra import ui
+    from llmops_dagster.infra.settings import SettingError
+
+    configured = os.environ.get("LLMOPS_DAGSTER_UI_URL", "").strip()
+    if configured and not given:
+        try:
+            http_url(configured)
+        except argparse.ArgumentTypeError as error:
+            raise SettingError(f"LLMOPS_DAGSTER_UI_URL: {error}") from None
+    return given or configured or ui.recorded_url() or ui.DEFAULT_URL
+
+
 def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
-    """The trace as an HTML page whose products link to their materializations in the Dagster UI."""
+    """The trace as an HTML page whose products link to the materializations that made them in the
+    Dagster UI at `ui_url`; a warning naming it when no UI answers there."""
     import types
 
     import dagster as dg
 
     from llmops_dagster.governance.trace import trace_html
+    from llmops_dagster.infra import ui
     from llmops_dagster.infra.lineage import materialization_links, model_lineage_versions
 
     _prepare_instance_env()
@@ -539,20 +579,26 @@ def _write_trace_page(chain: dict, path: str, ui_url: str) -> None:
     with dg.DagsterInstance.get() as instance:
         links = materialization_links(instance, versions, base_url=ui_url)
     Path(path).write_text(trace_html(chain, links), encoding="utf-8")  # checked by html_file
-    print(f"trace page written to {path}")
+    print(f"trace page written to {path}; its links open the Dagster UI at {ui_url}")
+    if not ui.answers(ui_url):
+        print(f"llmops trace: warning: no Dagster UI answers at {ui_url}, where the page links: start "
+              "it with `llmops ui` (pages then link to wherever it serves), or name it with --ui-url",
+              file=sys.stderr)
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from llmops_dagster.governance.trace import TraceError, trace
+    from resources.embedder import EmbedderResource
 
-    try:
-        chain = trace(_database().engine(), args.response_id, sample_rows=args.rows)
+    try:  # ranked with the embedder of dataset_embeddings (the code location's: the default)
+        chain = trace(_database().engine(), args.response_id, nearest=args.rows,
+                      embed=EmbedderResource().embed)
     except TraceError as error:
         print(f"llmops trace: {error}", file=sys.stderr)
         return 2
     if args.html:
         try:
-            _write_trace_page(chain, args.html, args.ui_url)
+            _write_trace_page(chain, args.html, _ui_url(args.ui_url))
         except OSError as error:
             print(f"llmops trace: --html {_shown(args.html)}: {error.strerror}", file=sys.stderr)
             return 2
@@ -572,16 +618,20 @@ def cmd_trace(args: argparse.Namespace) -> int:
     print(f"dataset       {dataset['version']} from {dataset['source']} (input {dataset['input_hash']}: "
           f"{dataset['rows_input']} in = {dataset['rows_accepted']} accepted + "
           f"{dataset['rows_quarantined']} quarantined)")
-    print(f"source rows   {rows['count']} training rows ({rows['from_feedback']} from feedback); first:")
-    for row in rows["sample"]:
-        print(f"  row {row['row']:>6}  {row['prompt'][:60]!r} -> {row['response'][:50]!r}")
+    print(f"source rows   {rows['count']} training rows ({rows['from_feedback']} from feedback); "
+          f"{rows['ranked_by']}:")
+    for row in rows["nearest"]:
+        distance = "" if row["distance"] is None else f"distance {row['distance']:.4f}  "
+        print(f"  row {row['row']:>6}  {distance}{row['prompt'][:60]!r} -> {row['response'][:50]!r}")
     if rows["corrections"]:
         print("corrections   training rows from people's corrections:")
     for c in rows["corrections"]:
         when = f"{c['reviewed_at']:%Y-%m-%d %H:%M:%S}" if c["reviewed_at"] else "-"
         sent_with = f"key {c['api_key']}" if c["api_key"] else "its feedback token"
-        print(f"  feedback {c['feedback_id']:>6}  answer {c['response_id']}  rater {c['rater']} "
-              f"(sent with {sent_with})  {c['review_state']} by {c['reviewed_by']} at {when}")
+        print(f"  feedback {c['feedback_id']:>6}  question {c['question'][:60]!r}\n"
+              f"                  corrected to {c['corrected_answer'][:60]!r}\n"
+              f"                  answer {c['response_id']}  rater {c['rater']} (sent with {sent_with})  "
+              f"{c['review_state']} by {c['reviewed_by']} at {when}")
     return 0
 
 
@@ -766,12 +816,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_parsers(commands)
     trace = commands.add_parser("trace", help="lineage of a served answer back to its source rows")
     trace.add_argument("response_id", type=response_id)
-    trace.add_argument("--rows", type=positive_int, default=5, help="source rows to show")
+    trace.add_argument("--rows", type=positive_int, default=5,
+                       help="training rows to show, nearest to the question first")
     trace.add_argument("--html", type=html_file,
                        help="also write the trace as an HTML page to this file")
     trace.add_argument("--ui-url", type=http_url,
-                       default=os.environ.get("LLMOPS_DAGSTER_UI_URL", "http://127.0.0.1:3000"),
-                       help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL or make ui's)")
+                       help="the Dagster UI the page links to (default $LLMOPS_DAGSTER_UI_URL, else "
+                            "the read-only UI `llmops ui` serves, else http://127.0.0.1:3000)")
     trace.set_defaults(handler=cmd_trace)
     return parser
 

@@ -29,6 +29,7 @@ from schedules.automation import (
     serving_reconciler,
 )
 from schedules.jobs import deploy_job, main_job, retrain_job, rollback_job
+from schedules.observation import traffic_observation
 
 
 def ray_serve_resource() -> RayServeResource:
@@ -50,7 +51,7 @@ defs = dg.Definitions(
     ),
     jobs=[main_job, retrain_job, deploy_job, rollback_job],
     schedules=[nightly_retrain_schedule()],
-    sensors=[feedback_sensor, drift_sensor, rollback_guard, serving_reconciler],
+    sensors=[feedback_sensor, drift_sensor, rollback_guard, serving_reconciler, traffic_observation],
     resources={
         "database": PostgresResource(),
         "artifacts": ArtifactStore(),

@@ -25,6 +25,12 @@ GUARD = signals.GUARD
 RECONCILE_RETRY_S = 600  # a failed reconciling deploy is requested again after this long
 
 
+def skipped(context: dg.SensorEvaluationContext, reason: str) -> dg.SkipReason:
+    """A tick's skip reason, also in the tick's log (the UI shows a SkipReason only on hover)."""
+    context.log.info(reason)
+    return dg.SkipReason(reason)
+
+
 def nightly_retrain_schedule(timezone: str = "UTC") -> dg.ScheduleDefinition:
     """Retrain the training path every night at 02:00 in `timezone` (an IANA name); the new
     version is promoted only when it improves the complaint slice (require_improvement)."""
@@ -54,7 +60,7 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
     engine = database.engine()
     production = registry.production(engine)
     if production is None:
-        return dg.SkipReason("no model is in production yet")
+        return skipped(context, "no model is in production yet")
     again = request_again(context, "feedback", loop_settings)
     if again is not None:
         return again
@@ -63,11 +69,11 @@ def feedback_sensor(context: dg.SensorEvaluationContext, database: PostgresResou
                                                loop_settings.max_votes_per_actor)
     rule = (loop_settings.feedback_threshold, loop_settings.min_distinct_raters)
     if not window.reaches(*rule):
-        return dg.SkipReason(f"new on {production.version}: {window.summary(*rule)}")
+        return skipped(context, f"new on {production.version}: {window.summary(*rule)}")
     pending = runs.in_flight(context.instance, RETRAIN_JOBS)
     if pending:  # the rows keep counting; the next window starts after this retrain
-        return dg.SkipReason(f"{window.summary(*rule)}, but run {pending[0].run_id} "
-                             f"({pending[0].job_name}) is queued or running")
+        return skipped(context, f"{window.summary(*rule)}, but run {pending[0].run_id} "
+                       f"({pending[0].job_name}) is queued or running")
     context.update_cursor(window.until)
     return dg.RunRequest(
         run_key=f"feedback-{window.key}",
@@ -88,27 +94,27 @@ def drift_sensor(context: dg.SensorEvaluationContext, database: PostgresResource
     engine = database.engine()
     production = registry.production(engine)
     if production is None:
-        return dg.SkipReason("no model is in production yet")
+        return skipped(context, "no model is in production yet")
     again = request_again(context, "drift", loop_settings)
     if again is not None:
         return again
     pending = runs.in_flight(context.instance, RETRAIN_JOBS)
     if pending:
-        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+        return skipped(context, f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
     since_retrain = runs.seconds_since(runs.last_created(context.instance, "retrain"))
     if since_retrain is not None and since_retrain < loop_settings.drift_cooldown_s:
-        return dg.SkipReason(f"cooldown: the last retrain was {since_retrain:.0f} s ago "
-                             f"(drift_cooldown_s {loop_settings.drift_cooldown_s})")
+        return skipped(context, f"cooldown: the last retrain was {since_retrain:.0f} s ago "
+                       f"(drift_cooldown_s {loop_settings.drift_cooldown_s})")
     check = signals.check_production_drift(engine, embedder.embed, production,
                                            **loop_settings.drift_test(), tested_window=context.cursor)
     if check.result is None:
-        return dg.SkipReason(check.reason)
+        return skipped(context, check.reason)
     result, window_key = check.result, check.window_key
     context.update_cursor(window_key)
     context.log.info(f"drift statistic {result.statistic:.5f}, threshold {result.threshold:.5f}, "
                      f"p {result.p_value:.3f} ({result.recent} recent vs {result.reference} reference)")
     if not result.drifted:
-        return dg.SkipReason(check.reason)
+        return skipped(context, check.reason)
     return dg.RunRequest(
         run_key=f"drift-{window_key}",
         run_config=loop_settings.retrain_run_config(),
@@ -129,8 +135,8 @@ def request_again(context: dg.SensorEvaluationContext, trigger: str,
         return None
     pending = runs.in_flight(context.instance, RETRAIN_JOBS)
     if pending:
-        return dg.SkipReason(f"{lost.decision} is to be requested again, but run {pending[0].run_id} "
-                             f"({pending[0].job_name}) is queued or running")
+        return skipped(context, f"{lost.decision} is to be requested again, but run {pending[0].run_id} "
+                       f"({pending[0].job_name}) is queued or running")
     context.log.info(f"{lost.decision}: its runs failed outside their own code (a dead run worker); "
                      f"requesting it again ({lost.number + 1} of {loop_settings.max_requests_per_decision})")
     return lost.run_request()
@@ -150,13 +156,13 @@ def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResour
     engine = database.engine()
     promotion = registry.current_promotion(engine)
     if promotion is None:
-        return dg.SkipReason("no model is in production yet")
+        return skipped(context, "no model is in production yet")
     previous = registry.previous_production(engine)
     if previous is None:
-        return dg.SkipReason(f"{promotion.version} has no previous version to roll back to")
+        return skipped(context, f"{promotion.version} has no previous version to roll back to")
     pending = runs.in_flight(context.instance, SERVING_JOBS)
     if pending:
-        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+        return skipped(context, f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
     cap = loop_settings.max_votes_per_actor
     new = traffic_log.live_rate(engine, promotion.version, since=promotion.at, max_votes_per_actor=cap)
     old = traffic_log.live_rate(engine, previous, since=registry.promoted_at(engine, previous),
@@ -164,12 +170,12 @@ def rollback_guard(context: dg.SensorEvaluationContext, database: PostgresResour
     reason = signals.guard_verdict(new, old, loop_settings.guard_margin, loop_settings.guard_min_ratings,
                                    loop_settings.min_distinct_raters)
     if reason is None:
-        return dg.SkipReason(f"{promotion.version} is doing no worse than {previous}")
+        return skipped(context, f"{promotion.version} is doing no worse than {previous}")
     if promotion.by_rollback and promotion.actor == GUARD:
         context.log.warning(f"{reason}; {promotion.version} came back by an automatic rollback, "
                             "so another one needs a person")
-        return dg.SkipReason(f"needs a person: {reason}; {promotion.version} is production by an "
-                             f"automatic rollback already (llmops models rollback --reason ...)")
+        return skipped(context, f"needs a person: {reason}; {promotion.version} is production by an "
+                       f"automatic rollback already (llmops models rollback --reason ...)")
     return dg.RunRequest(
         run_key=f"rollback-decision-{promotion.audit_id}",
         run_config={"ops": {"serving_deployment": {"config": {
@@ -187,13 +193,13 @@ def serving_reconciler(context: dg.SensorEvaluationContext, database: PostgresRe
     running, request a deploy; a failed one is asked for again after RECONCILE_RETRY_S."""
     production = registry.production(database.engine())
     if production is None:
-        return dg.SkipReason("no model is in production yet")
+        return skipped(context, "no model is in production yet")
     served = ray_serve.served_version()
     if served == production.version:
-        return dg.SkipReason(f"serving {served}, the registry's production version")
+        return skipped(context, f"serving {served}, the registry's production version")
     pending = runs.in_flight(context.instance, SERVING_JOBS)
     if pending:
-        return dg.SkipReason(f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
+        return skipped(context, f"run {pending[0].run_id} ({pending[0].job_name}) is queued or running")
     slot = int(time.time() // RECONCILE_RETRY_S)
     return dg.RunRequest(run_key=f"reconcile-{production.version}-from-{served or 'nothing'}-{slot}",
                          tags={"llmops/trigger": "reconcile", "llmops/served": served or "nothing"})

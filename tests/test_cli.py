@@ -68,10 +68,36 @@ def test_trace_finds_a_response_by_its_id_in_any_case(fresh_database, capsys):
     assert "model version 'v-missing' in the registry not found" in capsys.readouterr().err
 
 
+def test_trace_lists_each_correction_behind_the_model_with_its_text(fresh_database):
+    """A correction in the training rows is shown by its question and corrected answer (the text
+    the training row holds), beside who sent and accepted it; a purged one says so."""
+    from llmops_dagster.feedback import review
+    from llmops_dagster.governance.trace import corrections_behind
+
+    engine = fresh_database.engine()
+    response_id = str(uuid.uuid4())
+    with engine.begin() as connection:
+        connection.execute(sa.text(
+            "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
+            "latency_ms) VALUES (:id, 'v1', 'Where is order A1?', 'wrong', 8, 1.0)"), {"id": response_id})
+        feedback_id = connection.execute(sa.text(
+            "INSERT INTO feedback (response_id, client_id, rating, correction, rater, credential, counted, "
+            "review_state) VALUES (:id, 'c', -1, 'It ships today.', 'r1', 'feedback_token', true, "
+            "'pending') RETURNING id"), {"id": response_id}).scalar_one()
+    review.decide(engine, feedback_id, "accept", "ana", "right")
+    texts = {feedback_id: {"question": "Where is order A1?", "corrected_answer": "It ships today."},
+             feedback_id + 1: {"question": "gone?", "corrected_answer": "purged since"}}
+    accepted, purged = corrections_behind(engine, texts)
+    assert accepted["question"] == "Where is order A1?" and accepted["corrected_answer"] == "It ships today."
+    assert (accepted["response_id"], accepted["review_state"], accepted["reviewed_by"]) == (
+        response_id, "accepted", "ana")
+    assert purged["review_state"] == "purged" and purged["corrected_answer"] == "purged since"
+
+
 def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_database, dagster_database,
                                                                      tmp_path, monkeypatch, capsys):
     """A production version that nothing serves (no Ray Serve on a free port): status says they
-    disagree and exits 1; a queued rollback run is listed."""
+    disagree and exits 1; a queued rollback run is listed, and the ratings and reviews beside them."""
     import dagster as dg
 
     from llmops_dagster.definitions import defs
@@ -86,6 +112,18 @@ def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_databa
                                 base_model_version="b1", checkpoint_path="-", adapter_path="-",
                                 merged_model_path="-", train_config={}, eval_report_id=None)
     registry.promote(engine, "v1", actor="policy", reason="passed")
+    with engine.begin() as connection:  # 3 ratings of v1's answers, 2 counted; 1 correction pending
+        for rating, counted, review in ((1, True, None), (-1, True, "pending"), (-1, False, None)):
+            response_id = str(uuid.uuid4())
+            connection.execute(sa.text(
+                "INSERT INTO request_log (response_id, model_version, prompt, response, max_new_tokens, "
+                "latency_ms) VALUES (:id, 'v1', 'q', 'a', 8, 1.0)"), {"id": response_id})
+            connection.execute(sa.text(
+                "INSERT INTO feedback (response_id, client_id, rating, correction, rater, credential, "
+                "counted, actor, review_state) VALUES (:id, 'c', :rating, :correction, :rater, "
+                "'feedback_token', :counted, :rater, :review)"),
+                {"id": response_id, "rating": rating, "counted": counted, "review": review,
+                 "correction": "better" if review else None, "rater": f"token:{response_id}"})
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     cli._prepare_instance_env()
     with dg.DagsterInstance.get() as instance:
@@ -96,6 +134,23 @@ def test_status_shows_registry_served_version_and_runs_side_by_side(fresh_databa
     out = capsys.readouterr().out
     assert "registry      v1 in production" in out and "served        nothing answers" in out
     assert "rollback NOT_STARTED (trigger rollback_guard)" in out and "agreement     NO" in out
+    assert ("ratings       3 stored, 2 counted (sent with a credential); 2 counted on v1 since its "
+            "promotion (1 negative, from 2 raters, at most 3 each)") in out, out
+    assert "reviews       1 corrections waiting for review (llmops feedback review); 0 accepted" in out
+
+
+def test_commands_answer_without_a_warning_before_it(llmops_home, dagster_database, tmp_path):
+    """What the embedded server's library (pgserver: XDG_RUNTIME_DIR unset, as in a container or
+    cron) and the definitions (a beta Dagster API) used to warn about comes before no answer."""
+    from llmops_dagster.training.launch import free_port
+
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("XDG_RUNTIME_DIR", "PYTHONWARNINGS", "LLMOPS_DATABASE_URL")}
+    env.update(LLMOPS_HOME=str(llmops_home), DAGSTER_HOME=str(tmp_path / "dagster_home"),
+               LLMOPS_SERVE_HTTP_PORT=str(free_port()))
+    for argv in (["--help"], ["models", "list"], ["status"]):  # status loads the definitions
+        result = subprocess.run([LLMOPS, *argv], env=env, capture_output=True, text=True, timeout=300)
+        assert result.stdout and result.stderr == "", (argv, result.stderr[-2000:])
 
 
 def test_database_urls_are_printed_without_their_password(fresh_database, dagster_database, tmp_path,

@@ -93,7 +93,8 @@ def test_workspace_loads_in_the_webserver(platform_db):
                                "} } } }")["data"]["repositoriesOrError"]["nodes"]
         sensors = {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
         assert sensors == {"feedback_sensor": "RUNNING", "drift_sensor": "RUNNING",
-                           "rollback_guard": "RUNNING", "serving_reconciler": "RUNNING"}
+                           "rollback_guard": "RUNNING", "serving_reconciler": "RUNNING",
+                           "traffic_observation": "RUNNING"}
         [schedule] = repository["schedules"]
         assert (schedule["name"], schedule["cronSchedule"], schedule["scheduleState"]["status"]) == (
             "nightly_retrain", "0 2 * * *", "RUNNING")

@@ -127,7 +127,9 @@ def test_the_trace_of_an_answer_is_a_page_linked_to_the_ui(served_model_with_run
     monkeypatch.setenv("DAGSTER_HOME", str(served["dagster_home"]))
     page = tmp_path / "trace.html"
     assert cli.main(["trace", response_id, "--html", str(page), "--ui-url", "http://ui.example:3000"]) == 0
-    assert f"trace page written to {page}" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert f"trace page written to {page}" in out
+    assert "warning: no Dagster UI answers at http://ui.example:3000" in err  # nothing serves there
     html = page.read_text()
     model = registry.get(served["engine"], served["version"])
     for asset, version in [("validated_dataset", model.dataset_version), ("prompt_set",
@@ -136,3 +138,76 @@ def test_the_trace_of_an_answer_is_a_page_linked_to_the_ui(served_model_with_run
         assert version in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>" not in html
     (artifacts_dir() / "trace.html").write_text(html)
+
+
+def ask(url: str, prompt: str) -> str:
+    """The response id of the served model's answer to `prompt`."""
+    import json
+
+    request = urllib.request.Request(f"{url}/v1/generate", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["response_id"]
+
+
+def test_the_trace_links_to_the_running_ui_the_fine_tune_that_trained_and_the_nearest_rows(
+        served_model_with_runs, dagster_database, llmops_home, monkeypatch, tmp_path, capsys):
+    """`llmops trace ID --html FILE` with `llmops ui` serving on a port of its own: the page links
+    there (no warning); the fine-tune link opens the materialization that trained the model, not a
+    later one that reused it; the training rows shown are the ones nearest to the question, with
+    their cosine distances."""
+    from assets.dataset import dataset_embeddings
+    from assets.training import finetuned_checkpoint
+    from llmops_dagster import cli
+    from llmops_dagster.dataset import dataset_store
+    from llmops_dagster.infra import ui
+    from llmops_dagster.infra.lineage import find_materialization
+    from resources.artifacts import ArtifactStore
+
+    served = served_model_with_runs
+    instance, model = served["instance"], registry.get(served["engine"], served["version"])
+    trained = find_materialization(instance, "finetuned_checkpoint", model.version)
+    # Against the template's artifact root, where the fine-tune is complete: nothing is trained.
+    template_artifacts = ArtifactStore(root=str(llmops_home / "served-artifacts"))
+    reuse = dg.materialize([finetuned_checkpoint], instance=instance,
+                           resources={**served["resources"], "artifacts": template_artifacts})
+    [reused] = reuse.asset_materializations_for_node("finetuned_checkpoint")
+    assert reused.metadata["reused"].value is True and reused.metadata["version"].value == model.version
+    assert trained.asset_materialization.metadata["reused"].value is False
+    assert dg.materialize([dataset_embeddings], resources=served["resources"], instance=instance).success
+
+    with served["engine"].connect() as connection:
+        dataset = dataset_store.recorded_dataset(connection, model.dataset_version)
+    rows = dataset_store.read_accepted(dataset.path)
+    question_row = rows[rows["split"] == "train"].iloc[7]  # a training prompt, asked word for word
+    response_id = ask(served["url"], question_row["prompt"])
+
+    server, url = start_webserver(served["dagster_home"])
+    url_file = llmops_home / "ui" / ui.URL_FILE  # as `llmops ui` records where it serves
+    try:
+        url_file.parent.mkdir(mode=0o700, exist_ok=True)
+        url_file.write_text(url + "\n")
+        monkeypatch.setenv("DAGSTER_HOME", str(served["dagster_home"]))
+        monkeypatch.delenv("LLMOPS_DAGSTER_UI_URL", raising=False)
+        page = tmp_path / "trace.html"
+        capsys.readouterr()  # the runs' logs above
+        assert cli.main(["trace", response_id, "--html", str(page), "--rows", "4"]) == 0
+        out, err = capsys.readouterr()
+    finally:
+        url_file.unlink(missing_ok=True)
+        server.terminate()
+        server.wait(timeout=60)
+    assert err == "", err
+    html = page.read_text()
+    assert "http://127.0.0.1:3000" not in html
+    assert (f'<a href="{url}/assets/finetuned_checkpoint?view=events&amp;time='
+            f'{int(round(trained.timestamp * 1000))}">') in html
+    assert f'href="{url}/runs/{trained.run_id}"' in html and reuse.run_id not in html
+
+    shown = out.split("nearest to the question (cosine distance of the prompt embeddings):\n")[1]
+    lines = [line for line in shown.splitlines() if line.startswith("  row ")][:4]
+    assert len(lines) == 4, out
+    distances = [float(line.split("distance ")[1].split()[0]) for line in lines]
+    assert distances == sorted(distances) and distances[0] < 1e-3, out
+    assert lines[0].split()[1] == str(int(question_row["_row_number"])) or distances[1] < 1e-3, out
+    assert "<th>cosine distance</th>" in html and f"{distances[0]:.4f}" in html

@@ -17,6 +17,7 @@ from llmops_dagster.serving import traffic_log
 from resources.database import PostgresResource
 from resources.embedder import EmbedderResource
 from resources.loop_settings import LoopSettings
+from resources.serving import RayServeResource
 from schedules.automation import GUARD, drift_sensor, feedback_sensor, rollback_guard
 
 
@@ -338,3 +339,52 @@ def test_serving_reconciler_deploys_when_registry_and_serve_disagree(engine, ins
     instance.create_run_for_job(job_def=defs.resolve_job_def("rollback"))
     waiting = reconcile()
     assert isinstance(waiting, dg.SkipReason) and "queued or running" in waiting.skip_message
+
+
+def test_a_skipped_tick_says_why_in_its_log(engine, instance, capfd):
+    """The UI shows a SkipReason only on hover: each sensor also logs it in the tick's log."""
+    from schedules.automation import serving_reconciler
+
+    instance.create_run_for_job(job_def=defs.resolve_job_def("rollback"))
+    context = dg.build_sensor_context(instance=instance, resources={
+        "database": PostgresResource(), "ray_serve": RayServeResource(http_port=9)})
+    skipped = serving_reconciler(context)
+    assert isinstance(skipped, dg.SkipReason) and "queued or running" in skipped.skip_message
+    logged = capfd.readouterr().err  # the tick's logger (dagster's handler) writes to stderr
+    assert f"dagster - INFO - {skipped.skip_message}" in logged, logged
+
+
+def test_production_traffic_is_observed_every_minute_by_the_daemon(engine, instance):
+    """The traffic_observation sensor (on by default, every minute) records production_traffic's
+    data version when answers or ratings arrived, so it is there without a click; not otherwise."""
+    from schedules.observation import traffic_observation
+
+    sensor = defs.resolve_sensor_def("traffic_observation")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING and sensor.minimum_interval_seconds == 60
+    key = dg.AssetKey("production_traffic")
+    cursor = None
+
+    def tick():
+        nonlocal cursor
+        context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                          resources={"database": PostgresResource()})
+        result = traffic_observation(context)
+        cursor = context.cursor
+        if isinstance(result, dg.SkipReason):
+            return result
+        for event in result.asset_events:  # as the daemon records a tick's asset events
+            instance.report_runless_asset_event(event)
+        return result
+
+    def current_version() -> str:
+        record = instance.fetch_observations(key, limit=1).records[0]
+        return record.asset_observation.tags["dagster/data_version"]
+
+    tick()
+    assert current_version() == "answers-0-ratings-0"
+    assert tick().skip_message == "production_traffic unchanged: answers-0-ratings-0"
+    serve(engine, "v2", ["q"] * 2, [1, -1])
+    [observation] = tick().asset_events
+    assert current_version() == "answers-2-ratings-2" and observation.metadata["ratings"].value == 2
+    record = instance.get_latest_data_version_record(key, is_source=True)  # what the UI shows
+    assert record.asset_observation.tags["dagster/data_version"] == "answers-2-ratings-2"

@@ -127,7 +127,7 @@ def test_the_operating_ui_answers_only_under_its_secret_path(fresh_database, pla
         url_file = open_home / "ui" / "operate_url"
         assert url_file.read_text().strip() == f"http://127.0.0.1:{port}/{secret}/"
         assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
-        assert str(url_file) in _log_tail(log) and secret not in log.read_text()
+        assert str(url_file) in log.read_text() and secret not in log.read_text()
         # Not on any command line (which every local user may read), nor in what nobody can read.
         assert not [p.pid for p in descendants if secret in " ".join(p.cmdline())]
         webserver = next(p for p in descendants

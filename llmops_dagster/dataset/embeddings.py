@@ -110,3 +110,17 @@ def reference_embeddings(engine: sa.Engine, dataset_version: str, limit: int) ->
             sa.text("SELECT embedding::text FROM dataset_embeddings WHERE dataset_version = :v "
                     "ORDER BY md5(row_number::text) LIMIT :n"), {"v": dataset_version, "n": limit}).all()
     return np.array([json.loads(r[0]) for r in rows], dtype=np.float32)
+
+
+def nearest_rows(engine: sa.Engine, dataset_version: str, vector, k: int) -> list[tuple[int, float]]:
+    """The `k` training rows of a dataset version whose prompt embeddings are nearest to `vector`,
+    nearest first: (row number, cosine distance). An exact search over that version's rows (its
+    primary-key range), not the HNSW index: the index searches every version's rows, and filtering
+    its ef_search candidates by version afterwards can leave fewer than `k`."""
+    with engine.connect() as connection:
+        return [(int(row), float(distance)) for row, distance in connection.execute(
+            sa.text("WITH version_rows AS MATERIALIZED (SELECT row_number, embedding "
+                    "FROM dataset_embeddings WHERE dataset_version = :v) "
+                    "SELECT row_number, embedding <=> CAST(:q AS vector) AS distance "
+                    "FROM version_rows ORDER BY distance, row_number LIMIT :k"),
+            {"v": dataset_version, "q": vector_literal(vector), "k": k})]

@@ -1,16 +1,21 @@
 """Lineage of a served answer: response -> model version -> checkpoint -> prompt set -> dataset ->
-the source rows it was trained on. Each link is read through the module that owns its table
-(traffic_log, registry, templates, dataset_store): no SQL here."""
+the source rows it was trained on, nearest to the question first. Each link is read through the
+module that owns its table (traffic_log, registry, templates, dataset_store, embeddings): no SQL
+here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 
+import numpy as np
+import pandas as pd
 import sqlalchemy as sa
 
-from llmops_dagster.dataset import dataset_store
+from llmops_dagster.dataset import dataset_store, embeddings
 from llmops_dagster.governance import registry
 from llmops_dagster.prompts import templates
+from llmops_dagster.prompts.rendering import embedding_text
 from llmops_dagster.serving import traffic_log
 
 
@@ -26,8 +31,12 @@ def _found(record, what: str) -> dict:
     return record if isinstance(record, dict) else asdict(record)
 
 
-def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
-    """Every link from a response id back to the dataset rows; `sample_rows` rows are included."""
+def trace(engine: sa.Engine, response_id: str, nearest: int = 5,
+          embed: Callable[[list[str]], np.ndarray] | None = None) -> dict:
+    """Every link from a response id back to the dataset rows, with the `nearest` training rows
+    nearest to the question: ranked by the cosine distance of their prompt embeddings
+    (dataset_embeddings) to the question's, embedded by `embed` (the embedder dataset_embeddings
+    uses); without `embed` or stored embeddings, the first rows of the set, saying why."""
     response = traffic_log.served_response(engine, response_id)
     if response is None:
         raise TraceError(f"response {response_id!r} not found")
@@ -39,10 +48,10 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
         dataset = _found(dataset_store.recorded_dataset(connection, model["dataset_version"]),
                          f"dataset {model['dataset_version']!r}")
     rows = dataset_store.read_accepted(dataset["path"])
-    train = rows[rows["split"] == "train"]
-    feedback_ids = (sorted(int(i) for i in train["feedback_id"].dropna()) if "feedback_id" in train
-                    else [])
-    sample = train.head(sample_rows)
+    train = rows[rows["split"] == "train"].set_index("_row_number", drop=False)
+    from_feedback = train[train["feedback_id"].notna()] if "feedback_id" in train else train.iloc[:0]
+    ranked, ranked_by = nearest_training_rows(engine, dataset["version"], train, response, nearest,
+                                              embed)
     return {
         "response": response,
         "model_version": model,
@@ -50,25 +59,50 @@ def trace(engine: sa.Engine, response_id: str, sample_rows: int = 5) -> dict:
         "dataset": dataset,
         "training_rows": {
             "count": len(train),
-            "from_feedback": len(feedback_ids),
-            "corrections": corrections_behind(engine, feedback_ids),
+            "from_feedback": len(from_feedback),
+            "corrections": corrections_behind(engine, {
+                int(r["feedback_id"]): {"question": r["prompt"], "corrected_answer": r["response"]}
+                for _, r in from_feedback.iterrows()}),
             "source": dataset["source"],
-            "sample": [{"row": int(r["_row_number"]), "prompt": r["prompt"], "response": r["response"]}
-                       for _, r in sample.iterrows()],
+            "nearest": ranked,
+            "ranked_by": ranked_by,
         },
     }
 
 
-def corrections_behind(engine: sa.Engine, feedback_ids: list[int]) -> list[dict]:
-    """Who stands behind each training row made from a correction: its feedback id, the answer it
-    corrected, the key it came with, and who accepted it when. A purged row says so (its audit
-    record keeps who purged it and why)."""
-    if not feedback_ids:
+def nearest_training_rows(engine: sa.Engine, dataset_version: str, train: pd.DataFrame,
+                          response: dict, k: int, embed: Callable[[list[str]], np.ndarray] | None,
+                          ) -> tuple[list[dict], str]:
+    """The `k` rows of `train` (indexed by row number) nearest to the question `response` answered,
+    each with its cosine distance, and how they were chosen (trace's rule)."""
+    if embed is not None and embeddings.stored_rows(engine, dataset_version):
+        question = embedding_text(response["prompt"], response.get("context"))
+        found = embeddings.nearest_rows(engine, dataset_version, embed([question])[0], k)
+        ranked = [{**_row(train.loc[number]), "distance": distance}
+                  for number, distance in found if number in train.index]
+        return ranked, "nearest to the question (cosine distance of the prompt embeddings)"
+    why = ("no embedder given" if embed is None else
+           f"dataset_embeddings holds no vectors of dataset {dataset_version}: materialize "
+           "dataset_embeddings to rank the rows by nearness to the question")
+    return [{**_row(r), "distance": None} for _, r in train.head(k).iterrows()], f"first rows ({why})"
+
+
+def _row(row: pd.Series) -> dict:
+    return {"row": int(row["_row_number"]), "prompt": row["prompt"], "response": row["response"]}
+
+
+def corrections_behind(engine: sa.Engine, texts: dict[int, dict]) -> list[dict]:
+    """Who stands behind each training row made from a correction (`texts`: feedback id -> the
+    question and the corrected answer, as the training row holds them): its feedback id, the
+    answer it corrected, the key it came with, and who accepted it when. A purged row says so (its
+    audit record keeps who purged it and why)."""
+    if not texts:
         return []
-    found = traffic_log.correction_reviews(engine, feedback_ids)
-    return [found.get(i, {"feedback_id": i, "response_id": None, "rater": None, "api_key": None,
-                          "review_state": "purged", "reviewed_by": None, "reviewed_at": None})
-            for i in feedback_ids]
+    found = traffic_log.correction_reviews(engine, sorted(texts))
+    return [{**found.get(i, {"feedback_id": i, "response_id": None, "rater": None, "api_key": None,
+                             "review_state": "purged", "reviewed_by": None, "reviewed_at": None}),
+             **texts[i]}
+            for i in sorted(texts)]
 
 
 def trace_html(chain: dict, links: dict[str, dict]) -> str:
@@ -90,9 +124,9 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
         return (f'<a href="{escape(link["url"])}">{escape(asset)}</a> {shown} '
                 f'(<a href="{escape(link["run_url"])}">run {escape(link["run_id"][:8])}</a>)')
 
-    sample = "".join(
-        f"<tr><td>{row['row']}</td><td>{escape(row['prompt'])}</td><td>{escape(row['response'])}</td></tr>"
-        for row in rows["sample"])
+    nearest = "".join(
+        f"<tr><td>{row['row']}</td><td>{_distance(row['distance'])}</td><td>{escape(row['prompt'])}</td>"
+        f"<td>{escape(row['response'])}</td></tr>" for row in rows["nearest"])
     items = [
         ("served answer", f"<code>{escape(response['response_id'])}</code> at "
                           f"{escape(str(response['created_at']))}<br>"
@@ -124,9 +158,14 @@ def trace_html(chain: dict, links: dict[str, dict]) -> str:
         "th{text-align:left;vertical-align:top;padding:.4em 1em .4em 0}td{padding:.4em 0}"
         "table.rows td{border-top:1px solid #ddd;padding:.3em .6em}</style></head><body>"
         f"<h1>Trace of a served answer</h1><table>{body}</table>"
-        f"<h2>Training rows ({rows['count']}, {rows['from_feedback']} from feedback); first "
-        f"{len(rows['sample'])}</h2><table class=rows><tr><th>row</th><th>prompt</th><th>response</th></tr>"
-        f"{sample}</table>{_corrections_html(rows['corrections'])}</body></html>")
+        f"<h2>Training rows ({rows['count']}, {rows['from_feedback']} from feedback): "
+        f"{len(rows['nearest'])} {escape(rows['ranked_by'])}</h2><table class=rows><tr><th>row</th>"
+        f"<th>cosine distance</th><th>prompt</th><th>response</th></tr>"
+        f"{nearest}</table>{_corrections_html(rows['corrections'])}</body></html>")
+
+
+def _distance(distance: float | None) -> str:
+    return "-" if distance is None else f"{distance:.4f}"
 
 
 def _corrections_html(corrections: list[dict]) -> str:
@@ -134,10 +173,12 @@ def _corrections_html(corrections: list[dict]) -> str:
 
     if not corrections:
         return ""
-    columns = ("feedback", "answer corrected", "rater", "sent with", "review", "reviewer", "at")
+    columns = ("feedback", "question", "corrected answer", "answer corrected", "rater", "sent with",
+               "review", "reviewer", "at")
     body = "".join(
         "<tr>" + "".join(f"<td>{escape(str(value))}</td>" for value in (
-            c["feedback_id"], c["response_id"], c["rater"], c["api_key"] or "feedback token",
+            c["feedback_id"], c["question"], c["corrected_answer"], c["response_id"], c["rater"],
+            c["api_key"] or "feedback token",
             c["review_state"], c["reviewed_by"], c["reviewed_at"])) + "</tr>"
         for c in corrections)
     head = "".join(f"<th>{name}</th>" for name in columns)

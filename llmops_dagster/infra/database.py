@@ -56,7 +56,23 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+def _import_pgserver() -> None:
+    """Import pgserver without platformdirs' RuntimeDirWarning that XDG_RUNTIME_DIR is unset: its
+    class body asks for the user's runtime folder (for a lock file shared by every process), and
+    where no login session sets one (a container, cron, ssh without systemd-logind) the fallback,
+    a private 0700 runtime-<uid> folder under the temporary folder, is the right one."""
+    import warnings
+
+    from platformdirs import RuntimeDirWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set, falling back to ",
+                                category=RuntimeDirWarning)
+        import pgserver  # noqa: F401
+
+
 def _embedded_server(data_dir: Path):
+    _import_pgserver()
     import pgserver
     from pgserver.utils import PostmasterInfo
 
@@ -90,6 +106,7 @@ def embedded_server_url(data_dir: Path, role: str = embedded_auth.SUPERUSER,
 
 def stop_embedded_server(data_dir: Path) -> bool:
     """Stop the embedded server cleanly (pg_ctl stop, fast mode); False when none was running."""
+    _import_pgserver()
     from pgserver._commands import pg_ctl
     from pgserver.utils import PostmasterInfo
 

@@ -19,10 +19,13 @@ import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the repository: assets/, llmops_dagster/
 DATA_VERSION_TAG = "dagster/data_version"
-# Materializations searched for a data version, newest first, a page at a time: the version behind
-# a model is usually among the newest, and 1000 covers months of nightly retrains.
+# Materializations searched for a data version, newest first, a page at a time, to the oldest
+# that carries it (the one that made it); 1000 covers months of nightly retrains.
 SEARCH_LIMIT = 1000
 SEARCH_PAGE = 50
+# Metadata entry in which a materialization says whether it reused a product made earlier (True: the
+# same data version, nothing made; False: it made it). A link to a product opens the one that made it.
+REUSED = "reused"
 
 
 @dataclass(frozen=True)
@@ -107,18 +110,26 @@ def failed_checks(context: dg.AssetExecutionContext, checks: list[dg.AssetCheckK
 
 
 def find_materialization(instance: dg.DagsterInstance, asset: str, data_version: str):
-    """The newest materialization of `asset` whose data version is `data_version`, or None."""
-    cursor, searched = None, 0
+    """The materialization of `asset` that made data version `data_version`, or None: the newest
+    whose metadata says it made the product (REUSED false), else the oldest with that version (a
+    later one with the same version recomputed the same content, or reused it)."""
+    cursor, searched, oldest, oldest_not_reused = None, 0, None, None
     while searched < SEARCH_LIMIT:
         page = instance.fetch_materializations(dg.AssetKey(asset), limit=SEARCH_PAGE, cursor=cursor)
         for record in page.records:
             materialization = record.asset_materialization
-            if materialization is not None and materialization.tags.get(DATA_VERSION_TAG) == data_version:
+            if materialization is None or materialization.tags.get(DATA_VERSION_TAG) != data_version:
+                continue
+            reused = materialization.metadata.get(REUSED)
+            if reused is not None and reused.value is False:
                 return record
+            oldest = record
+            if reused is None:
+                oldest_not_reused = record
         if not page.has_more:
-            return None
+            break
         cursor, searched = page.cursor, searched + len(page.records)
-    return None
+    return oldest_not_reused or oldest
 
 
 def event_path(asset: str, timestamp_s: float) -> str:

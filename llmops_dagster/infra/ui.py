@@ -42,6 +42,10 @@ POLL_S = 0.5
 PREFIX_ENV = "LLMOPS_UI_PATH_PREFIX"
 # Names the authenticating proxy in front of a webserver bound to a non-loopback address.
 AUTH_PROXY_ENV = "LLMOPS_UI_AUTH_PROXY"
+# The read-only UI's address, in $LLMOPS_HOME/ui/ while `llmops ui` serves it: pages that link into
+# the UI (`llmops trace --html`) point there. The operating UI's address is a secret: never linked.
+URL_FILE = "url"
+DEFAULT_URL = "http://127.0.0.1:3000"
 # Routes that write events into the instance without GraphQL's permission check: closed when read-only.
 WRITE_ROUTES = ("/report_asset_materialization/", "/report_asset_check/", "/report_asset_observation/")
 
@@ -120,6 +124,26 @@ def operate_secret(home: Path | None = None) -> tuple[str, Path]:
     return secret, path
 
 
+def recorded_url(home: Path | None = None) -> str | None:
+    """The read-only UI's address that a running `llmops ui` recorded (URL_FILE), or None."""
+    try:
+        text = ((home or llmops_home()) / "ui" / URL_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def answers(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether a Dagster webserver answers at `url` (its /server_info route)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/server_info", timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def webserver_command(host: str, port: int, read_only: bool) -> list[str]:
     """The webserver child; the operating UI's prefix is not on it (it is in the environment)."""
     return [sys.executable, "-m", "llmops_dagster.infra.ui", "webserver", "--host", host, "--port", str(port),
@@ -156,6 +180,11 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
+def _address(host: str) -> str:
+    """`host` as a URL names it: an IPv6 address bracketed."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _stop_signals() -> list[int]:
     """SIGTERM and SIGINT always; SIGHUP unless ignored (nohup: the UI outlives the terminal)."""
     signals = [signal.SIGTERM, signal.SIGINT]
@@ -175,12 +204,14 @@ def run_ui(env: dict[str, str], host: str = "127.0.0.1", port: int = 3000, opera
     if operate:
         secret, secret_file = operate_secret()
         webserver_env[PREFIX_ENV] = "/" + secret
-        url_file = secret_file.with_name("operate_url")
-        address = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
-        _write_private(url_file, f"http://{address}:{port}/{secret}/\n")
+        operate_url = secret_file.with_name("operate_url")
+        _write_private(operate_url, f"http://{_address(host)}:{port}/{secret}/\n")
         print(f"llmops ui: operating UI on {host}:{port}; its address (a secret, for this OS user only) "
-              f"is in {url_file}", file=sys.stderr, flush=True)
+              f"is in {operate_url}", file=sys.stderr, flush=True)
+        url_file = None
     else:
+        url_file = ui_folder() / URL_FILE
+        _write_private(url_file, f"http://{_address(host)}:{port}\n")
         print(f"llmops ui: read-only UI at http://{host}:{port} (browse; `llmops ui --operate` to "
               "launch runs)", file=sys.stderr, flush=True)
     requested: list[int] = []
@@ -196,6 +227,9 @@ def run_ui(env: dict[str, str], host: str = "127.0.0.1", port: int = 3000, opera
                                          **common))
         killed, first = _wait_and_stop(children, requested, stop_timeout_s)
     finally:
+        if url_file is not None:  # links must not lead to a UI that stopped
+            with contextlib.suppress(FileNotFoundError):
+                url_file.unlink()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         for child in children:  # only when starting the second child failed
