@@ -23,7 +23,9 @@ from resources.serving import RayServeResource
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENDPOINTS = ("| method | path |\n|---|---|\n| POST | /v1/generate |\n| POST | /v1/feedback |\n"
              "| GET | /v1/reviews (reviewer key) |\n| POST | /v1/reviews/{id} (reviewer key) |\n"
-             "| GET | /v1/models |\n| GET | /healthz |\n| GET | / (ask and rate) |")
+             "| POST | /v1/chat/completions, /v1/completions (OpenAI API, streamed or not) |\n"
+             "| GET | /v1/models, /v1/models/{id} (OpenAI shape, with lineage) |\n"
+             "| GET | /healthz |\n| GET | / (ask and rate) |")
 # The least value of each batching setting a replica accepts (batching.BusyBatcher refuses less).
 BATCHING_MINIMUMS = {"max_batch_size": 1, "batch_wait_timeout_s": 0}
 

@@ -25,6 +25,12 @@ on 2 cores the floor's path alone keeps both busy, so its throughput bounds ours
 default model, batched throughput at least 0.8 of the floor's; with `--model large` (8 layers,
 width 512, where generation dominates a request), batched at least 2x unbatched.
 
+Streaming: sequential streamed POST /v1/chat/completions (greedy, max_tokens 16, one connection
+each), client side: time to first token (the first text event after the request was sent) and
+time between tokens (between consecutive text events), p50 and p99; then STREAMS_AT_ONCE streams at
+once, time to first token p50 and p99 (they share batches, so the first token waits for a batch's
+turn). Measured last, on the max_batch_size 1 deployment the swap left.
+
 Deploy and swap: serving_deployment's first deploy on a fresh head; then, with the floor app
 deleted (its replica would hold the CPU the new replica needs), a rolling swap to a new config
 under steady traffic, with failed requests counted. Goals: at most 20 s and 10 s, none failed.
@@ -36,7 +42,9 @@ under steady traffic, with failed requests counted. Goals: at most 20 s and 10 s
 import argparse
 import dataclasses
 import http.client
+import itertools
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -54,6 +62,10 @@ MAX_NEW_TOKENS = 16
 WARMUP = 10
 BLOCKS = 4
 CONCURRENCY = 16
+# Under the proxy's default cap of 16 requests in flight per address: a stream's slot is freed
+# only once the proxy has seen its end, a moment after the client has.
+STREAMS_AT_ONCE = 12
+REFUSED_STREAMS: list[int] = []  # one entry per 429 a stream got before it was answered
 
 
 # --model large: a base model where generation dominates a request (8 layers, width 512), trained
@@ -238,6 +250,40 @@ class SteadyTraffic:
         self.thread.join(timeout=60)
 
 
+def streamed_times(port: int) -> tuple[float, list[float]]:
+    """One streamed greedy chat completion: seconds to its first text event, and between text
+    events (a text event can hold more than one token when a token's text waits for the next)."""
+    body = json.dumps({"model": "default", "messages": [{"role": "user", "content": PROMPT}],
+                       "max_tokens": MAX_NEW_TOKENS, "stream": True}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        while True:  # a 429 (the proxy's in-flight cap per address) is retried, and not timed
+            started = time.perf_counter()
+            connection.request("POST", "/v1/chat/completions", body=body,
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 429:
+                break
+            response.read()
+            REFUSED_STREAMS.append(1)
+            connection.close()
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+        if response.status != 200:
+            raise RuntimeError(f"a stream answered {response.status}: {response.read()[:300]!r}")
+        arrivals = []
+        for line in response:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            choices = json.loads(line[len(b"data: "):])["choices"]
+            if choices and choices[0]["delta"].get("content"):
+                arrivals.append(time.perf_counter())
+    finally:
+        connection.close()
+    if not arrivals:
+        return math.nan, []
+    return arrivals[0] - started, [b - a for a, b in itertools.pairwise(arrivals)]
+
+
 def timed(call, n: int) -> list[float]:
     """Wall seconds of n sequential calls."""
     times = []
@@ -347,6 +393,15 @@ def main() -> None:
             wait_rolled_out(ray_serve.replicas)
             swap_s = time.perf_counter() - swap_started
         unbatched, unbatched_cpu = throughput(client, args.throughput_requests)
+        first_token, between_tokens = [], []
+        for _ in range(WARMUP + max(args.latency_requests // 4, 1)):
+            first, gaps = streamed_times(HTTP_PORT)
+            first_token.append(first)
+            between_tokens += gaps
+        first_token = first_token[WARMUP:]
+        with ThreadPoolExecutor(STREAMS_AT_ONCE) as pool:
+            concurrent_first = [first for first, _ in pool.map(
+                lambda _: streamed_times(HTTP_PORT), range(STREAMS_AT_ONCE * 4))]
     finally:
         from llmops_dagster.infra import database
 
@@ -373,6 +428,15 @@ def main() -> None:
     added = served_p50 - bare_p50 - floor_p50
     print(f"  ours - bare - floor at p50: {added:+.1f} ms (goal: at most 2 ms); "
           f"ours/bare {served_p50 / bare_p50:.2f}x")
+    ttft_p50 = percentile_ms(first_token, 50)
+    print(f"streaming (chat completions, stream: true), {len(first_token)} sequential streams")
+    print(f"  time to first token   p50 {ttft_p50:6.1f} ms   p99 {percentile_ms(first_token, 99):6.1f} ms")
+    if between_tokens:
+        print(f"  time between tokens   p50 {percentile_ms(between_tokens, 50):6.1f} ms   "
+              f"p99 {percentile_ms(between_tokens, 99):6.1f} ms")
+    print(f"  {STREAMS_AT_ONCE} at once: time to first token "
+          f"p50 {percentile_ms(concurrent_first, 50):.1f} ms, "
+          f"p99 {percentile_ms(concurrent_first, 99):.1f} ms ({len(REFUSED_STREAMS)} 429s retried)")
     print(f"throughput, {CONCURRENCY} concurrent clients, {args.throughput_requests} requests; "
           "CPU ms a request by process")
     print(f"  max_batch_size {config.max_batch_size}   {batched:7.1f} requests/s   {cpu_line(batched_cpu)}")
@@ -392,6 +456,11 @@ def main() -> None:
     record(bench, "p50 added over Ray Serve's floor (ours - bare generate - no-op floor)", added, "ms",
            "at most 2 ms", added <= 2)
     record(bench, "p50 of Ray Serve's no-op floor", floor_p50, "ms", "", None)
+    record(bench, "p50 time to first token, streamed, sequential", ttft_p50, "ms", "", None)
+    if between_tokens:
+        record(bench, "p50 time between tokens, streamed", percentile_ms(between_tokens, 50), "ms", "", None)
+    record(bench, f"p50 time to first token, {STREAMS_AT_ONCE} streams at once",
+           percentile_ms(concurrent_first, 50), "ms", "", None)
     record(bench, "p50 of the bare generate (the model's own cost a request)", bare_p50, "ms", "", None)
     if args.model == "default":
         record(bench, "batched throughput / floor's, 16 clients", to_floor, "x", "at least 0.8",

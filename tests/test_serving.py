@@ -45,7 +45,11 @@ def test_generate_and_feedback_round_trip(served_model):
     assert (logged.model_version, logged.rating, logged.correction) == (
         served_model["version"], -1, "Order A12345 ships today.")
     with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as response:
-        assert json.loads(response.read())["model_version"] == served_model["version"]
+        [model] = json.loads(response.read())["data"]
+    assert model["id"] == served_model["version"] and model["object"] == "model"
+    assert set(model["lineage"]) == {"dataset_version", "prompt_set_version", "base_model_version"}
+    with urllib.request.urlopen(f"{url}/v1/models/{served_model['version']}", timeout=10) as response:
+        assert json.loads(response.read()) == model
 
 
 def test_concurrent_requests_share_batches_and_each_gets_its_own_answer_logged_once(served_model):

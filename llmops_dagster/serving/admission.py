@@ -46,6 +46,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
+from llmops_dagster.serving import openai_api
+
 MIB = 1024 * 1024
 CALLBACK_IMPORT_PATH = "llmops_dagster.serving.admission:proxy_middlewares"
 # The environment every Ray node's `ray start` needs, read when its Serve proxy starts.
@@ -214,8 +216,14 @@ def proxy_middlewares() -> list:
     return [Middleware(AdmissionMiddleware)]
 
 
-def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> tuple:
-    body = json.dumps({"detail": detail}).encode()
+def _json_response(status: int, detail: str, headers: list[tuple[bytes, bytes]] = (),
+                   path: str = "") -> tuple:
+    """(status, headers, body) of a refusal: {"detail": ...}, and on the OpenAI routes also the
+    OpenAI error object {"error": {message, type, param, code}} its clients read."""
+    refusal = {"detail": detail}
+    if openai_api.is_openai_path(path):
+        refusal |= openai_api.error_body(status, detail)
+    body = json.dumps(refusal).encode()
     return status, [(b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()), *headers], body
 
@@ -294,7 +302,7 @@ class AdmissionMiddleware:
             return await self._reply(send_marked, *_json_response(
                 429, f"too many requests in flight {what} (at most {cap}); retry after "
                      f"{RETRY_AFTER_S} s", [(b"retry-after", str(RETRY_AFTER_S).encode()),
-                                           (b"connection", b"close")]))
+                                           (b"connection", b"close")], path))
         for identity, _ in claims:
             self._in_flight[identity] += 1
         try:
@@ -311,18 +319,20 @@ class AdmissionMiddleware:
         that sends its whole body before reading the answer gets the 413, not a connection reset;
         a larger one gets the 413 at once and the connection is closed, the rest unread."""
         limit, drain = settings.max_body_bytes, drain_bytes(settings)
+        path = scope.get("path", "")
         declared = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if not value.strip().isdigit():
                     return await self._reply(send, *_json_response(
-                        400, "Content-Length must be a whole number of bytes", [(b"connection", b"close")]))
+                        400, "Content-Length must be a whole number of bytes", [(b"connection", b"close")],
+                        path))
                 declared = int(value)
-        too_large = _json_response(413, f"the body exceeds {limit} bytes, the most accepted")
+        too_large = _json_response(413, f"the body exceeds {limit} bytes, the most accepted", path=path)
         if declared is not None and declared > drain:
             return await self._reply(send, *_json_response(
                 413, f"the body is {declared} bytes; at most {limit} are accepted",
-                [(b"connection", b"close")]))
+                [(b"connection", b"close")], path))
         chunks, size = [], 0
         try:
             async with asyncio.timeout(settings.body_timeout_s):
@@ -343,7 +353,8 @@ class AdmissionMiddleware:
             return await self._reply(send, *_json_response(
                 413 if size > limit else 408,
                 f"the body exceeds {limit} bytes, the most accepted" if size > limit else
-                f"the body did not arrive within {settings.body_timeout_s:g} s", [(b"connection", b"close")]))
+                f"the body did not arrive within {settings.body_timeout_s:g} s", [(b"connection", b"close")],
+                path))
         if size > limit:
             return await self._reply(send, *too_large)
         body = b"".join(chunks)

@@ -7,7 +7,10 @@
                        -> {feedback_id, status, counted, reason, review}
     GET  /v1/reviews   corrections waiting for review (reviewer key)
     POST /v1/reviews/{feedback_id}  {decision: accept|reject, note?} (reviewer key)
-    GET  /v1/models, GET /healthz, GET / (a page to ask, rate, and review with a reviewer key)
+    POST /v1/chat/completions, POST /v1/completions  the OpenAI API's shapes, streamed as server-sent
+                       events with `stream: true` (`openai_api.py` says what differs from OpenAI's)
+    GET  /v1/models    {"object": "list", "data": [{id, object, created, owned_by, lineage}]}
+    GET  /v1/models/{id}, GET /healthz, GET / (a page to ask, rate, and review with a reviewer key)
 
 Credentials (`credentials.py`): an API key as `Authorization: Bearer ...`, or the feedback token
 that came with an answer. A wrong or revoked key gets 401; a rating is always stored, and counts
@@ -18,11 +21,15 @@ replica sees a request, Serve's proxy admits it (`admission.py`): body size and 
 requests in flight per client, X-Forwarded-For only from a trusted proxy, /healthz answered
 without queueing behind generation; and the deployment's queue is bounded (503 with Retry-After).
 
-Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding.
-Every answer goes to `request_log` with the model version (committed before its 200, with the rows
-of the answers that finished beside it), every rating to `feedback`; all SQL is parameterized. Inputs
-are validated by strict pydantic models: a bad type, size or character gets a 4xx that names the
-field, never a 5xx. The deployment class is plain Python, so it builds and tests without a cluster.
+Requests are batched while the model is busy (`batching.py`) and answered by greedy decoding, or
+sampled with a seed of the request's own (OpenAI routes, temperature above 0). A streamed answer's
+tokens are sent as its batch generates them; a client that leaves mid-stream ends its row at the
+next step. Every answer goes to `request_log` with the model version and how it ended (committed
+before its 200, or before a stream's last event, with the rows of the answers that finished beside
+it; a stream cut off by its client is logged too), every rating to `feedback`; all SQL is
+parameterized. Inputs are validated by strict pydantic models: a bad type, size or character gets a
+4xx that names the field, never a 5xx. The deployment class is plain Python, so it builds and tests
+without a cluster.
 """
 
 
@@ -31,12 +38,14 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, NamedTuple
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from sqlalchemy.exc import DBAPIError
 
@@ -44,7 +53,7 @@ from llmops_dagster import generation
 from llmops_dagster.dataset.formats import ROLES, turn_order_error
 from llmops_dagster.feedback import review
 from llmops_dagster.prompts.rendering import PromptRenderer, render_prompt
-from llmops_dagster.serving import batching, credentials, traffic_log
+from llmops_dagster.serving import batching, credentials, openai_api, traffic_log
 from llmops_dagster.serving.admission import AdmissionSettings, budget_host
 from llmops_dagster.serving.page import PAGE_CSP, PAGE_HTML
 from llmops_dagster.serving.rate_limits import RateLimits
@@ -186,13 +195,17 @@ class FeedbackRequest(BaseModel):
 
 class Ask(NamedTuple):
     """One generate request waiting for its batch: what was asked, when (time.perf_counter(), s),
-    the key that asked (None: none) and the asker's budget host (admission.budget_host: the actor
-    of its ratings when it has no key)."""
+    the key that asked (None: none), the asker's budget host (admission.budget_host: the actor
+    of its ratings when it has no key), its response id, how to decode it (None: greedy within
+    the request's max_new_tokens) and the stream its text goes to as it is generated (None: none)."""
 
     request: GenerateRequest
     started: float
     key_id: int | None
     client_host: str
+    response_id: str
+    decoding: generation.Decoding | None = None
+    stream: openai_api.TokenStream | None = None
 
 
 @dataclass(frozen=True)
@@ -242,21 +255,38 @@ class ServingConfig:
 api = FastAPI(title="llmops-dagster", description="The approved model, served.")
 
 
+def _openai_error(status: int, message: str, param: str | None = None, code: str | None = None,
+                  headers: dict | None = None) -> Response:
+    return Response(json.dumps(openai_api.error_body(status, message, param, code), ensure_ascii=True),
+                    status_code=status, media_type="application/json", headers=headers)
+
+
 @api.exception_handler(RequestValidationError)
 async def _refuse(request, error: RequestValidationError) -> Response:
     """422 naming each bad field. FastAPI's own handler echoes the bad input back and fails with a
     500 when it cannot encode it (a lone surrogate, NaN); this one sends type, location and message
-    only, ASCII-escaped, so any refused input gets a 4xx."""
+    only, ASCII-escaped, so any refused input gets a 4xx. On the OpenAI routes: an OpenAI error
+    object, 400 for a refused value, 422 for a body of the wrong shape (openai_api.validation_error)."""
     detail = [{"type": e.get("type"), "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
                "msg": str(e.get("msg"))} for e in error.errors()]
+    if openai_api.is_openai_path(request.url.path):
+        status, body = openai_api.validation_error(detail)
+        return Response(json.dumps(body, ensure_ascii=True), status_code=status,
+                        media_type="application/json")
     return Response(json.dumps({"detail": detail}, ensure_ascii=True), status_code=422,
                     media_type="application/json")
 
 
+@api.exception_handler(HTTPException)
+async def _http_error(request, error: HTTPException) -> Response:
+    """FastAPI's answer, but an OpenAI error object (same status and headers) on the OpenAI routes."""
+    if openai_api.is_openai_path(request.url.path):
+        return _openai_error(error.status_code, str(error.detail), headers=error.headers)
+    return await http_exception_handler(request, error)
+
+
 def _read_database_url(path: str) -> str:
     """The database URL from the replica's secret file; a clear error naming it when missing."""
-    from pathlib import Path
-
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as error:
@@ -290,7 +320,10 @@ def _bearer(request: Request) -> str | None:
 async def _database_unavailable(request, error: DBAPIError) -> Response:
     """503 with Retry-After when the database cannot take the answer or the rating: nothing is
     acknowledged that was not committed, and a client retries instead of waiting."""
-    return Response(json.dumps({"detail": "the database is unavailable; nothing was stored, retry"}),
+    message = "the database is unavailable; nothing was stored, retry"
+    if openai_api.is_openai_path(request.url.path):
+        return _openai_error(503, message, headers={"Retry-After": "1"})
+    return Response(json.dumps({"detail": message}),
                     status_code=503, media_type="application/json", headers={"Retry-After": "1"})
 
 
@@ -326,29 +359,42 @@ class ModelServer:
                                             self.config.batch_wait_timeout_s)
         # Answers' rows are committed by whoever is first after a commit, for all that waited.
         self.request_log = batching.GroupCommit(lambda rows: traffic_log.log_requests(self.engine, rows))
+        self.created = int(Path(self.config.model_path).stat().st_mtime)  # GET /v1/models' `created`
+        self._streams: set[asyncio.Task] = set()  # streamed answers still generating or logging
 
-    def _answer(self, requests: list[GenerateRequest], contexts: list[list[dict] | None]) -> list[str]:
-        """Greedy answers for a batch, each cut at its own token budget: rendered as the prompt
-        set was (rendering.py) and decoded as the eval report scores (generation.py)."""
+    def _answer(self, batch: list[Ask], contexts: list[list[dict] | None]) -> tuple[list[list[int]],
+                                                                                 list[generation.Answer]]:
+        """A batch's prompt ids and answers, each decoded as its Ask says (greedy by default, cut
+        at its own token budget): rendered as the prompt set was (rendering.py) and decoded as the
+        eval report scores (generation.py). Streamed rows get their text each step."""
         ids = [generation.prompt_ids(self.tokenizer, render_prompt(
-            self.renderer, r.user_message(), context, self.tokenizer), self.config.seq_len)
-            for r, context in zip(requests, contexts, strict=True)]
-        max_new_tokens = [r.max_new_tokens for r in requests]
-        return [storable_answer(text).strip()
-                for text in generation.greedy_batch(self.model, self.tokenizer, ids, max_new_tokens)]
+            self.renderer, ask.request.user_message(), context, self.tokenizer), self.config.seq_len)
+            for ask, context in zip(batch, contexts, strict=True)]
+        decodings = [ask.decoding or generation.Decoding(ask.request.max_new_tokens) for ask in batch]
+        streams = [ask.stream for ask in batch]
+        streamed = any(stream is not None for stream in streams)
+        answers = generation.generate_batch(
+            self.model, self.tokenizer, ids, decodings,
+            on_text=(lambda i, text: streams[i] and streams[i].push(text)) if streamed else None,
+            cancelled=(lambda i: streams[i] is not None and streams[i].cancelled) if streamed else None)
+        return ids, answers
 
     def _answer_rows(self, batch: list[Ask]) -> list[dict]:
-        """Answer a batch; one request-log row each (not yet written), in order."""
+        """Answer a batch; one request-log row each (not yet written), in order, with the token
+        counts of its usage (not logged)."""
         requests = [ask.request for ask in batch]
         contexts = [request.context() for request in requests]
-        texts = self._answer(requests, contexts)
+        ids, answers = self._answer(batch, contexts)
         finished = time.perf_counter()
-        return [{"id": str(uuid.uuid4()), "version": self.config.model_version,
-                 "prompt": r.user_message(),
+        return [{"id": ask.response_id, "version": self.config.model_version,
+                 "prompt": ask.request.user_message(),
                  "context": context,
-                 "response": text, "max_new_tokens": r.max_new_tokens,
-                 "latency": (finished - started) * 1000, "api_key_id": key_id, "client_host": host}
-                for (r, started, key_id, host), context, text in zip(batch, contexts, texts, strict=True)]
+                 "response": storable_answer(answer.text).strip(),
+                 "max_new_tokens": (ask.decoding or ask.request).max_new_tokens,
+                 "latency": (finished - ask.started) * 1000, "api_key_id": ask.key_id,
+                 "client_host": ask.client_host, "finish_reason": answer.finish_reason,
+                 "prompt_tokens": len(prompt), "completion_tokens": answer.tokens}
+                for ask, context, prompt, answer in zip(batch, contexts, ids, answers, strict=True)]
 
     async def _generate_batch(self, batch: list[Ask]) -> list[dict]:
         # In a worker thread: the event loop keeps taking requests (they queue for the next batch).
@@ -376,15 +422,22 @@ class ModelServer:
                                 headers={"WWW-Authenticate": "Bearer"})
         return key
 
-    @api.post("/v1/generate", response_model=GenerateResponse)
-    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+    async def _asker(self, request: Request) -> credentials.ApiKey | None:
+        """The key of a request for an answer, admitted (`_admit`); 401 without one where the
+        deployment answers only keyed requests."""
         key = await self._admit(request, "generate")
         if key is None and self.config.generate_requires_key:
             raise HTTPException(status_code=401, headers={"WWW-Authenticate": "Bearer"},
                                 detail="this deployment answers only requests with an API key "
                                        "(generate_requires_key)")
+        return key
+
+    @api.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        key = await self._asker(request)
         row = await self.batcher.submit(Ask(body, time.perf_counter(), key.id if key else None,
-                                            budget_host(request.client.host if request.client else None)))
+                                            budget_host(request.client.host if request.client else None),
+                                            str(uuid.uuid4())))
         # A 200 means the answer's row is committed; the model meanwhile answers the next batch.
         await self.request_log.commit([row])
         return GenerateResponse(response_id=row["id"], text=row["response"],
@@ -447,9 +500,105 @@ class ModelServer:
         return {"feedback_id": decision.feedback_id, "review": decision.state,
                 "reviewed_by": decision.reviewed_by, "reviewed_at": decision.reviewed_at.isoformat()}
 
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: openai_api.ChatCompletionRequest, request: Request) -> Response:
+        return await self._complete(body, request, chat=True)
+
+    @api.post("/v1/completions")
+    async def completions(self, body: openai_api.CompletionRequest, request: Request) -> Response:
+        return await self._complete(body, request, chat=False)
+
+    async def _complete(self, body: openai_api.ChatCompletionRequest | openai_api.CompletionRequest,
+                        request: Request, chat: bool) -> Response:
+        """An OpenAI completion: admitted and validated as /v1/generate is, batched with it, and
+        logged to request_log the same way; streamed as server-sent events when asked."""
+        key = await self._asker(request)
+        if body.model not in (self.config.model_version, openai_api.DEFAULT_MODEL_ALIAS):
+            return _openai_error(404, f"the model {body.model!r} does not exist: this deployment "
+                                      f"serves {self.config.model_version!r} (alias "
+                                      f"{openai_api.DEFAULT_MODEL_ALIAS!r})", "model", "model_not_found")
+        try:
+            generate = GenerateRequest(**body.generate_fields())
+        except ValidationError as error:  # the conversation's rules: turn order, the user's turn last
+            detail = [{"type": e["type"], "loc": ["messages" if chat else "prompt"], "msg": e["msg"]}
+                      for e in error.errors()]
+            return Response(json.dumps(openai_api.validation_error(detail)[1], ensure_ascii=True),
+                            status_code=400, media_type="application/json")
+        decoding = body.decoding()
+        response_id = str(uuid.uuid4())
+        stream = openai_api.TokenStream(decoding.stop, storable_answer) if body.stream else None
+        ask = Ask(generate, time.perf_counter(), key.id if key else None,
+                  budget_host(request.client.host if request.client else None), response_id,
+                  decoding, stream)
+        token = credentials.feedback_token(self.token_secret, response_id)
+        headers = {"X-Feedback-Token": token, "Cache-Control": "no-store"}
+        if stream is None:
+            row = await self.batcher.submit(ask)
+            await self.request_log.commit([row])
+            return JSONResponse(openai_api.completion(chat, row, self.config.model_version,
+                                                      int(time.time()), token), headers=headers)
+        answered = asyncio.create_task(self._answer_and_log(ask))
+        self._streams.add(answered)  # kept until logged, even when its client has gone
+        answered.add_done_callback(self._streams.discard)
+        answered.add_done_callback(lambda _: stream.queue.put_nowait(openai_api.TokenStream.END))
+        return StreamingResponse(self._events(chat, ask, answered, body.include_usage()),
+                                 media_type="text/event-stream",
+                                 headers={**headers, "X-Accel-Buffering": "no"})
+
+    async def _answer_and_log(self, ask: Ask) -> dict:
+        row = await self.batcher.submit(ask)
+        await self.request_log.commit([row])
+        return row
+
+    async def _events(self, chat: bool, ask: Ask, answered: asyncio.Task, include_usage: bool):
+        """The server-sent events of a streamed answer: a first chunk, a chunk per text delta as
+        the batch generates it, the last with its finish_reason once the answer is logged, the
+        usage chunk when asked for, then [DONE]. A client that leaves sets the stream's cancel flag:
+        its row ends at the batch's next step, and is logged as cut_off."""
+        stream, model, created = ask.stream, self.config.model_version, int(time.time())
+        done = False
+        try:
+            if chat:  # the assistant's role first, as OpenAI streams it
+                yield openai_api.event(openai_api.chunk(chat, ask.response_id, model, created, first=True,
+                                                        with_usage=include_usage))
+            while (delta := await stream.queue.get()) is not openai_api.TokenStream.END:
+                yield openai_api.event(openai_api.chunk(chat, ask.response_id, model, created, delta,
+                                                        with_usage=include_usage))
+            try:
+                row = answered.result()
+            except Exception as error:  # noqa: BLE001 - the status is sent: the stream says why it ends
+                done = True
+                status = 503 if isinstance(error, DBAPIError) else 500
+                yield openai_api.event(openai_api.error_body(
+                    status, "the database is unavailable; nothing was stored, retry" if status == 503
+                    else "the answer failed", code="stream_failed"))
+                return
+            rest = stream.rest(row["response"])
+            yield openai_api.event(openai_api.chunk(chat, ask.response_id, model, created, rest or None,
+                                                    finish_reason=row["finish_reason"],
+                                                    with_usage=include_usage))
+            if include_usage:
+                yield openai_api.event(openai_api.usage_chunk(chat, ask.response_id, model, created, row))
+            yield openai_api.event("[DONE]")
+            done = True
+        finally:
+            if not done:  # the client left (Serve cancels the request): stop its row at once
+                stream.cancelled = True
+
+    def _model(self) -> dict:
+        return openai_api.model_object(self.config.model_version, self.created, self.config.lineage)
+
     @api.get("/v1/models")
     def models(self) -> dict:
-        return {"model_version": self.config.model_version, **self.config.lineage}
+        """The served model in the OpenAI list shape; its lineage (dataset, prompt-set and
+        base-model versions) on the model object."""
+        return {"object": "list", "data": [self._model()]}
+
+    @api.get("/v1/models/{model_id}")
+    def model(self, model_id: str) -> Response:
+        if model_id not in (self.config.model_version, openai_api.DEFAULT_MODEL_ALIAS):
+            return _openai_error(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
+        return JSONResponse(self._model())
 
     @api.get("/healthz")
     def healthz(self) -> dict:

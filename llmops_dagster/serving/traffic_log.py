@@ -25,22 +25,24 @@ _REQUEST_LOG = sa.table(
     "request_log", sa.column("response_id", sa.Uuid(as_uuid=False)), sa.column("model_version"),
     sa.column("prompt"), sa.column("context", JSONB(none_as_null=True)), sa.column("response"),
     sa.column("max_new_tokens"), sa.column("latency_ms"), sa.column("api_key_id"),
-    sa.column("client_host"))
+    sa.column("client_host"), sa.column("finish_reason"))
 _INSERT_REQUESTS = sa.insert(_REQUEST_LOG).values(
     response_id=sa.bindparam("id"), model_version=sa.bindparam("version"),
     prompt=sa.bindparam("prompt"), context=sa.bindparam("context"),  # typed by its column
     response=sa.bindparam("response"), max_new_tokens=sa.bindparam("max_new_tokens"),
     latency_ms=sa.bindparam("latency"), api_key_id=sa.bindparam("api_key_id"),
-    client_host=sa.bindparam("client_host"))
+    client_host=sa.bindparam("client_host"), finish_reason=sa.bindparam("finish_reason"))
 
 
 def log_requests(engine: sa.Engine, rows: list[dict]) -> None:
     """Insert answers (response id, model version, prompt, the earlier turns of a chat request as
     a list of {role, content} or None, response, max_new_tokens, latency in ms, the asking API
-    key's id or None) in one transaction and one multi-row INSERT: one round trip, one commit."""
+    key's id or None, the asker's budget host, how the answer ended: generation.STOP, LENGTH or
+    CUT_OFF, or None) in one transaction and one multi-row INSERT: one round trip, one commit.
+    Other keys of a row are not logged."""
     with engine.begin() as connection:
-        connection.execute(_INSERT_REQUESTS, [{"context": None, "client_host": None, **row}
-                                              for row in rows])
+        connection.execute(_INSERT_REQUESTS, [
+            {"context": None, "client_host": None, "finish_reason": None, **row} for row in rows])
 
 
 def answer_receiver(engine: sa.Engine, response_id: str) -> tuple[bool, ApiKey | None, str | None]:
