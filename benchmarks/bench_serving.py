@@ -116,9 +116,10 @@ def materialize_approved(home: Path, large: bool = False) -> tuple[dict, object]
         raise RuntimeError("approved_model left no version in production")
     credentials.signing_secret(engine)  # as serving_deployment does: the replicas' role only reads it
     return resources, serving_config(engine, version, database.serving_url(), ServingDeploymentConfig(
-        # Every request comes from 127.0.0.1: a limit far above the load keeps the limiter's own
-        # cost in the measured path without refusing anything.
-        generate_rate_limit="1000000/minute"))
+        # Every request comes from 127.0.0.1: limits far above the load keep the limiter's and the
+        # proxy's admission cost in the measured path without refusing anything (16 clients at once
+        # briefly hold more than the default 16 in flight per host while connections close).
+        generate_rate_limit="1000000/minute", max_concurrent_per_address=4096))
 
 
 def wait_rolled_out(replicas: int, timeout_s: float = 180) -> None:
