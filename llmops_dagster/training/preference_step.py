@@ -59,7 +59,7 @@ def reference_logps(model, chosen: dict, rejected: dict, folder: Path, device, b
 
     path = folder / REFERENCE_FILE
     if path.exists():
-        saved = torch.load(path)
+        saved = torch.load(path, weights_only=True)  # tensors only: no pickled code runs
         return saved["chosen"], saved["rejected"]
     out = {}
     with torch.no_grad():
