@@ -87,15 +87,18 @@ def test_plan_hashes_a_fresh_init_without_the_warm_start_settings(tiny_model, tm
 
 
 def test_a_preference_step_only_with_enough_pairs(tiny_model, tmp_path):
-    """20 pairs or more add the preference step: its steps after the supervised ones in the LR
-    schedule, the pairs file in the run file, the preference set in the lineage and the version;
-    fewer pairs leave the fine-tune exactly as without a preference set."""
+    """Asked for (preference_steps, off by default), 20 pairs or more add the preference step: its
+    steps after the supervised ones in the LR schedule, the pairs file in the run file, the
+    preference set in the lineage and the version; fewer pairs, or none asked for, leave the
+    fine-tune exactly as without a preference set."""
     base = inputs(str(tiny_model))
     without = plan.plan_finetune(settings(), base, None, 1, lambda v: tmp_path / v)
     few = dataclasses.replace(base, preferences=PreferenceSetProduct("pref-1", "/preferences/1", 19))
-    assert plan.plan_finetune(settings(), few, None, 1, lambda v: tmp_path / v).version == without.version
+    assert plan.plan_finetune(settings(preference_steps=50), few, None, 1,
+                              lambda v: tmp_path / v).version == without.version
     enough = dataclasses.replace(base, preferences=PreferenceSetProduct("pref-2", "/preferences/2", 20))
-    planned = plan.plan_finetune(settings(), enough, None, 1, lambda v: tmp_path / v)
+    assert plan.plan_finetune(settings(), enough, None, 1, lambda v: tmp_path / v).version == without.version
+    planned = plan.plan_finetune(settings(preference_steps=50), enough, None, 1, lambda v: tmp_path / v)
     assert planned.version != without.version and planned.run.preference_steps == 50
     assert planned.run.preference_file == "/preferences/2/pairs.jsonl"
     assert planned.run.lineage["preference_set_version"] == "pref-2"
